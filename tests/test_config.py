@@ -1,0 +1,52 @@
+import pytest
+
+from llamalite.config import ConfigError, load_config
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_and_dotted_overrides(tmp_path):
+    path = write(tmp_path, "name: x\noptim:\n  lr: 6e-4\ntrain:\n  batch_tokens: 2**19\n")
+    config = load_config(path, ["train.max_steps=12", "optim.betas=[0.8, 0.99]", "model.preset=tiny"])
+    assert config.optim.lr == 6e-4  # YAML 1.1 reads 6e-4 as a string; it is coerced
+    assert config.train.batch_tokens == 524288
+    assert config.train.max_steps == 12
+    assert config.optim.betas == [0.8, 0.99]
+    assert config.model.n_layer == 6 and config.model.vocab_size == 4096
+
+
+def test_preset_values_yield_to_explicit_keys(tmp_path):
+    path = write(tmp_path, "model:\n  preset: dmas-1.7b\n  n_layer: 2\n  vocab_size: null\n")
+    config = load_config(path)
+    assert config.model.n_layer == 2 and config.model.d_model == 2048 and config.model.vocab_size is None
+
+
+def test_unknown_key_suggests_the_nearest(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.max_step': did you mean 'train.max_steps'"):
+        load_config(write(tmp_path, "train:\n  max_step: 3\n"))
+    with pytest.raises(ConfigError, match="did you mean 'optim'"):
+        load_config(None, ["optimm.lr=1"])
+    with pytest.raises(ConfigError, match=r"data.sources\[0\].text_fiel"):
+        load_config(write(tmp_path, "data:\n  sources:\n    - {type: jsonl, path: a, text_fiel: t}\n"))
+
+
+def test_type_errors_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="train.max_steps must be an integer"):
+        load_config(None, ["train.max_steps=ten"])
+    with pytest.raises(ConfigError, match="train.compile must be true or false"):
+        load_config(None, ["train.compile=maybe"])
+    with pytest.raises(ConfigError, match="must look like"):
+        load_config(None, ["train.max_steps"])
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "a: [1, 2\n"))
+    with pytest.raises(ValueError, match="unknown model preset"):
+        load_config(None, ["model.preset=huge"])
