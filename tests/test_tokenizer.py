@@ -1,0 +1,138 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from llamalite.config import TokenizerConfig
+from llamalite.data import DataError
+from llamalite.tokenizer import Tokenizer, build_tokenizer
+
+SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+GPT2_DIR = SHARED_DATA / "tokenizers" / "gpt2"
+
+TRAINING_TEXTS = [
+    "The quick brown fox jumps over the lazy dog. " * 3,
+    "Café, naïve, façade, über, smørrebrød, jalapeño. " * 3,
+    "東京は日本の首都です。北京是中国的首都。 " * 3,
+    "Emoji: 😀 🚀 🎉 ❤️ 👩‍👩‍👧. " * 3,
+] * 5
+
+
+@pytest.fixture(scope="module")
+def trained() -> Tokenizer:
+    return Tokenizer.train(TRAINING_TEXTS, vocab_size=300, eos_token="<|endoftext|>")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "The quick brown fox.",
+        "Ça coûte 5 € à Zürich — naïve façade.",
+        "東京タワー と 北京",
+        "😀🚀 👩‍👩‍👧 family",
+        "never seen in training: Ελληνικά, हिन्दी, עברית, \x00\x01 \t\r\n  spaces",
+        "",
+    ],
+)
+def test_trained_tokenizer_round_trips_any_utf8(trained: Tokenizer, text: str) -> None:
+    assert trained.decode(trained.encode(text)) == text
+
+
+def test_trained_tokenizer_has_one_eos_id_and_fits_its_vocab(trained: Tokenizer) -> None:
+    assert trained.size <= 300
+    assert trained.decode([trained.eos_id]) == "<|endoftext|>"
+    assert max(max(ids) for ids in trained.encode_batch(TRAINING_TEXTS)) < trained.size
+
+
+def test_eos_text_inside_a_document_is_plain_text(trained: Tokenizer) -> None:
+    ids = trained.encode("a<|endoftext|>b")
+    assert trained.eos_id not in ids
+    assert trained.decode(ids) == "a<|endoftext|>b"
+
+
+def test_encode_batch_matches_encode(trained: Tokenizer) -> None:
+    texts = ["hello world", "café 東京", "😀"]
+    assert trained.encode_batch(texts) == [trained.encode(t) for t in texts]
+
+
+def test_fingerprint_survives_save_load_and_json_transport(trained: Tokenizer, tmp_path: Path) -> None:
+    trained.save(tmp_path / "tokenizer.json")
+    for loaded in (
+        Tokenizer.load(tmp_path / "tokenizer.json"),
+        Tokenizer.load(tmp_path),
+        Tokenizer.from_json_str(trained.to_json_str()),
+    ):
+        assert loaded.fingerprint == trained.fingerprint
+        assert loaded.eos_id == trained.eos_id
+        assert loaded.encode("Café 😀") == trained.encode("Café 😀")
+
+
+def test_fingerprint_differs_between_vocabularies(trained: Tokenizer) -> None:
+    other = Tokenizer.train(TRAINING_TEXTS, vocab_size=280)
+    assert other.fingerprint != trained.fingerprint
+
+
+def test_padded_vocab_size_rounds_up(trained: Tokenizer) -> None:
+    assert trained.padded_vocab_size(64) % 64 == 0
+    assert 0 <= trained.padded_vocab_size(64) - trained.size < 64
+    assert trained.padded_vocab_size(1) == trained.size
+
+
+def test_train_rejects_a_vocab_without_room_for_merges() -> None:
+    with pytest.raises(DataError, match="vocab_size"):
+        Tokenizer.train(["abc"], vocab_size=200)
+
+
+def test_load_errors_are_clear(trained: Tokenizer, tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="tokenizer not found"):
+        Tokenizer.load(tmp_path / "missing.json")
+    with pytest.raises(DataError, match="neither tokenizer.json nor vocab.json"):
+        Tokenizer.load(tmp_path)
+    trained.save(tmp_path / "tokenizer.json")
+    with pytest.raises(DataError, match="'<eot>' is not in the vocabulary"):
+        Tokenizer.load(tmp_path / "tokenizer.json", eos_token="<eot>")
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(DataError, match="not a valid tokenizer.json"):
+        Tokenizer.load(tmp_path / "broken.json")
+
+
+def test_build_tokenizer_loads_a_path_or_trains(trained: Tokenizer, tmp_path: Path) -> None:
+    trained.save(tmp_path / "tokenizer.json")
+    never_called = lambda: pytest.fail("texts must not be read when a tokenizer path is set")  # noqa: E731
+    loaded = build_tokenizer(TokenizerConfig(path=str(tmp_path / "tokenizer.json")), never_called)
+    assert loaded.fingerprint == trained.fingerprint
+    fresh = build_tokenizer(TokenizerConfig(vocab_size=300), lambda: iter(TRAINING_TEXTS))
+    assert fresh.fingerprint == trained.fingerprint  # BPE training is deterministic
+
+
+@pytest.fixture(scope="module")
+def gpt2() -> Tokenizer:
+    if not GPT2_DIR.is_dir():
+        pytest.skip("../shared/data not present")
+    return Tokenizer.load(GPT2_DIR)
+
+
+def test_gpt2_files_load_with_the_reference_ids(gpt2: Tokenizer) -> None:
+    assert gpt2.encode("Hello, I am a language model,") == [15496, 11, 314, 716, 257, 3303, 2746, 11]
+    assert gpt2.encode("Hello world") == [15496, 995]
+    assert gpt2.eos_id == 50256
+    assert gpt2.size == 50257
+    assert gpt2.padded_vocab_size(64) == 50304
+    assert gpt2.decode(gpt2.encode(" naïve 東京 😀")) == " naïve 東京 😀"
+
+
+def test_gpt2_saved_as_tokenizer_json_is_the_same_tokenizer(gpt2: Tokenizer, tmp_path: Path) -> None:
+    gpt2.save(tmp_path / "tokenizer.json")
+    reloaded = Tokenizer.load(tmp_path / "tokenizer.json")
+    assert reloaded.fingerprint == gpt2.fingerprint
+    assert reloaded.eos_id == 50256
+    assert reloaded.encode("Hello, I am a language model,") == gpt2.encode("Hello, I am a language model,")
+
+
+def test_gpt2_style_folder_without_the_eos_token_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "vocab.json").write_text(json.dumps({"a": 0, "b": 1, "ab": 2}))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\na b\n")
+    with pytest.raises(DataError, match="not in .*vocab.json"):
+        Tokenizer.load(tmp_path)
