@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,9 +199,12 @@ class Trainer:
         result = TrainResult(run_dir=run_dir, steps=0, tokens=0)
         logger.event(0, "start", world_size=1, device=str(self.device), parameters=self.model.num_parameters(),
                      accumulation_steps=self.accum_steps, compile=cfg.compile, dtype=cfg.dtype)
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step", disable=not cfg.progress,
+        # A live bar on a terminal; plain log lines in files and CI logs, where a bar would be noise.
+        show_bar = cfg.progress and sys.stderr.isatty()
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step", disable=not show_bar,
                    dynamic_ncols=True)
         train_time, train_tokens = 0.0, 0
+        run_started, self._first_step = time.perf_counter(), self.step
         try:
             self._maybe_evaluate(logger, samples_file, result, bar, force=True)
             while self.step < cfg.max_steps:
@@ -217,6 +221,9 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{cfg.batch_tokens / elapsed:,.0f}")
                 if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
                     logger.log(self.step, self._train_metrics(loss, grad_norm, cfg.batch_tokens / elapsed))
+                    if cfg.progress and not show_bar:
+                        print(self._progress_line(loss, cfg.batch_tokens / elapsed, time.perf_counter() - run_started),
+                              flush=True)
                 last = self.step == cfg.max_steps
                 self._maybe_evaluate(logger, samples_file, result, bar, force=last)
                 if last or (cfg.save_interval and self.step % cfg.save_interval == 0):
@@ -228,6 +235,12 @@ class Trainer:
         result.steps, result.tokens = self.step, self.tokens_seen
         result.tokens_per_s = train_tokens / train_time if train_time else 0.0
         return result
+
+    def _progress_line(self, loss: float, tokens_per_s: float, seconds: float) -> str:
+        steps_left = self.train_cfg.max_steps - self.step
+        eta = seconds / max(1, self.step - self._first_step) * steps_left
+        return (f"step {self.step:>6}/{self.train_cfg.max_steps}  loss {loss:.4f}  "
+                f"lr {self.optimizer.param_groups[0]['lr']:.2e}  {tokens_per_s:,.0f} tok/s  eta {eta / 60:.1f} min")
 
     def _train_metrics(self, loss: float, grad_norm: float, tokens_per_s: float) -> dict[str, float]:
         metrics = {
@@ -249,7 +262,7 @@ class Trainer:
             seconds = time.perf_counter() - started
             logger.log(self.step, {"val/loss": val_loss, "train/tokens": self.tokens_seen, "val/seconds": seconds})
             result.val_losses.append((self.step, val_loss))
-            bar.write(f"step {self.step:>6}  val/loss {val_loss:.4f}  ({seconds:.1f}s)")
+            bar.write(f"step {self.step:>6}  val/loss {val_loss:.4f}  ({seconds:.1f}s)", file=sys.stdout)
         wants_samples = cfg.sample_prompts and cfg.sample_interval > 0
         if wants_samples and (force or self.step % cfg.sample_interval == 0):
             for record in self.generate_samples():

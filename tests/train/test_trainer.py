@@ -72,3 +72,14 @@ def test_batch_tokens_must_divide_into_micro_batches():
     assert accumulation_steps(524288, 8, 1024, world_size=1) == 64
     with pytest.raises(TrainError, match="multiple of 8192"):
         accumulation_steps(10000, 8, 1024)
+
+
+def test_compiled_step_matches_eager(corpus_dir, prepared_dir, tmp_path):
+    eager = make_trainer(corpus_dir, prepared_dir, tmp_path / "e", compile=False)
+    compiled = make_trainer(corpus_dir, prepared_dir, tmp_path / "c", compile=True)
+    for _ in range(2):
+        loss_eager, _ = eager.train_step()
+        loss_compiled, _ = compiled.train_step()
+        assert loss_compiled == pytest.approx(loss_eager, rel=1e-4)
+    for p_eager, p_compiled in zip(eager.model.parameters(), compiled.model.parameters()):
+        torch.testing.assert_close(p_eager, p_compiled, rtol=1e-4, atol=1e-5)
