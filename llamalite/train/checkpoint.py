@@ -7,7 +7,6 @@ fingerprint) and `checksums.json` (sha256 of every other file).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -17,6 +16,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from llamalite.data.shards import sha256_file
 
 CHECKSUMS = "checksums.json"
 
@@ -62,14 +63,6 @@ def load_model_weights(checkpoint_dir: Path, model: nn.Module) -> None:
     if getattr(model.config, "tie_embeddings", False):
         tensors["lm_head.weight"] = tensors["embed_tokens.weight"]
     model.load_state_dict(tensors)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fsync(path: Path) -> None:

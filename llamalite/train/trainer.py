@@ -42,6 +42,13 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def configure_device(device: torch.device) -> None:
+    if device.type == "cuda":
+        if device.index is not None:
+            torch.cuda.set_device(device)
+        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls that autocast leaves
+
+
 def accumulation_steps(batch_tokens: int, micro_batch_size: int, seq_len: int, world_size: int = 1) -> int:
     per_micro_step = micro_batch_size * seq_len * world_size
     if batch_tokens % per_micro_step or batch_tokens < per_micro_step:
@@ -71,6 +78,7 @@ class Trainer:
         if self.train_cfg.threads:
             torch.set_num_threads(self.train_cfg.threads)
         self.device = resolve_device(self.train_cfg.device)
+        configure_device(self.device)
         torch.manual_seed(self.train_cfg.seed)
 
         self.data_dir = Path(config.data.out_dir)

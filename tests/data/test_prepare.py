@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 import gzip
 import io
 import importlib.metadata
@@ -17,7 +18,7 @@ from llamalite.config import SourceConfig
 from llamalite.data import DataError
 from llamalite.data.loader import read_manifest
 from llamalite.data.prepare import _split_stream, prepare
-from llamalite.data.shards import read_shard
+from llamalite.data.shards import read_shard, write_shard
 from llamalite.tokenizer import Tokenizer
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
@@ -217,6 +218,127 @@ def test_worker_processes_give_the_same_shards(text_folder: Path, make_config, t
     assert parallel["splits"] == in_process["splits"]
 
 
+def interrupt_after_shards(monkeypatch, count: int) -> None:
+    """Make prepare stop as Ctrl-C would, while it writes the shard after the first `count`."""
+    written = 0
+
+    def write_then_interrupt(path, tokens):
+        nonlocal written
+        if written == count:
+            raise KeyboardInterrupt
+        written += 1
+        return write_shard(path, tokens)
+
+    monkeypatch.setattr("llamalite.data.prepare.write_shard", write_then_interrupt)
+
+
+def interrupted_prepare(config, monkeypatch, shards: int) -> dict:
+    """Run prepare until `shards` shards are written; return the progress record it leaves."""
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        interrupt_after_shards(patch, shards)
+        prepare(config)
+    out_dir = Path(config.data.out_dir)
+    assert not (out_dir / "manifest.json").exists()
+    return json.loads((out_dir / ".prepare_progress.json").read_text())
+
+
+def file_names(folder: Path) -> list[str]:
+    return sorted(path.name for path in folder.iterdir())
+
+
+def without_timings(manifest: dict) -> dict:
+    return {key: value for key, value in manifest.items() if key not in ("created", "seconds")}
+
+
+def clean_prepare(config, out_dir: Path) -> dict:
+    """An uninterrupted run of the same config in another folder."""
+    clean = copy.deepcopy(config)
+    clean.data.out_dir = str(out_dir)
+    return prepare(clean)
+
+
+@pytest.mark.parametrize(("num_workers", "shard_tokens", "interrupt_after"), [(1, 170, 4), (1, 50, 9), (2, 170, 5)])
+def test_interrupted_run_resumes_from_its_finished_shards(
+    text_folder: Path, make_config, tmp_path: Path, monkeypatch, capsys, num_workers: int, shard_tokens: int, interrupt_after: int
+) -> None:
+    source = SourceConfig(type="text", path=str(text_folder))
+    config = make_config([source], shard_tokens=shard_tokens, docs_per_chunk=7, num_workers=num_workers)
+    clean = clean_prepare(config, tmp_path / "clean")
+    out_dir = Path(config.data.out_dir)
+
+    progress = interrupted_prepare(config, monkeypatch, interrupt_after)
+    finished = [shard["file"] for split in ("train", "val") for shard in progress["splits"][split]["shards"]]
+    assert len(finished) == interrupt_after
+    assert any(offset > 0 for split in ("train", "val") for _, offset in progress["splits"][split]["ends"]), "shards cut documents"
+    mtimes = {name: (out_dir / name).stat().st_mtime_ns for name in finished}
+    capsys.readouterr()
+
+    resumed = prepare(config)
+    out = capsys.readouterr().out
+    assert "training" not in out and "reusing" in out
+    assert f"keeping {interrupt_after} of {interrupt_after} finished shards" in out
+    assert {name: (out_dir / name).stat().st_mtime_ns for name in finished} == mtimes
+    assert without_timings(resumed) == without_timings(clean)
+    assert not (out_dir / ".prepare_progress.json").exists()
+    assert file_names(out_dir) == file_names(tmp_path / "clean")
+
+
+def test_interrupted_before_the_first_shard_reuses_the_trained_tokenizer(
+    text_folder: Path, make_config, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    config = make_config([SourceConfig(type="text", path=str(text_folder))], shard_tokens=170)
+    progress = interrupted_prepare(config, monkeypatch, 0)
+    assert progress["splits"]["train"] == {"shards": [], "ends": []}
+    capsys.readouterr()
+    resumed = prepare(config)
+    out = capsys.readouterr().out
+    assert "training" not in out and "keeping 0 of 0 finished shards" in out
+    assert without_timings(resumed) == without_timings(clean_prepare(config, tmp_path / "clean"))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip a byte"])
+def test_damaged_kept_shard_is_redone_from_there(text_folder: Path, make_config, tmp_path: Path, monkeypatch, capsys, damage: str) -> None:
+    config = make_config([SourceConfig(type="text", path=str(text_folder))], shard_tokens=170)
+    out_dir = Path(config.data.out_dir)
+    progress = interrupted_prepare(config, monkeypatch, 4)
+    train, val = ([s["file"] for s in progress["splits"][split]["shards"]] for split in ("train", "val"))
+    assert train[:2] == ["train_000000.bin", "train_000001.bin"]
+    intact = {name: (out_dir / name).stat().st_mtime_ns for name in ["train_000000.bin"] + val}
+    damaged = out_dir / "train_000001.bin"
+    data = damaged.read_bytes()
+    damaged.write_bytes(data[:-2] if damage == "truncate" else data[:-1] + bytes([data[-1] ^ 1]))
+    capsys.readouterr()
+
+    resumed = prepare(config)
+    out = capsys.readouterr().out
+    assert f"keeping {len(intact)} of 4 finished shards (train_000001.bin missing or damaged: redoing from there)" in out
+    assert {name: (out_dir / name).stat().st_mtime_ns for name in intact} == intact
+    assert without_timings(resumed) == without_timings(clean_prepare(config, tmp_path / "clean"))
+
+
+def test_changed_inputs_or_a_corrupt_progress_file_start_afresh(
+    text_folder: Path, make_config, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    config = make_config([SourceConfig(type="text", path=str(text_folder))], shard_tokens=170)
+    out_dir = Path(config.data.out_dir)
+    interrupted_prepare(config, monkeypatch, 4)
+    config.data.min_chars = 180  # drops about half of the documents
+    capsys.readouterr()
+    rebuilt = prepare(config)
+    out = capsys.readouterr().out
+    assert "ignoring" in out and "changed since the interrupted run" in out and "keeping" not in out
+    assert without_timings(rebuilt) == without_timings(clean_prepare(config, tmp_path / "clean"))
+    assert 0 < rebuilt["documents"]["dropped"]["too_short"] < 60
+    assert file_names(out_dir) == file_names(tmp_path / "clean"), "the interrupted run's extra shards are removed"
+
+    (out_dir / "manifest.json").unlink()
+    interrupted_prepare(config, monkeypatch, 2)
+    (out_dir / ".prepare_progress.json").write_text('{"splits": ')
+    capsys.readouterr()
+    assert without_timings(prepare(config)) == without_timings(rebuilt)
+    assert "is not a JSON progress record; starting afresh" in capsys.readouterr().out
+
+
 def test_tokenizer_path_is_used_instead_of_training(text_folder: Path, make_config, tmp_path: Path, make_documents) -> None:
     trained = Tokenizer.train(make_documents(20, seed=3), vocab_size=300)
     trained.save(tmp_path / "given.json")
@@ -359,3 +481,11 @@ def test_vocab_too_big_for_uint16(text_folder: Path, make_config) -> None:
         prepare(config)
     config.data.dtype = "auto"
     assert prepare(config)["dtype"] == "uint32"
+
+
+def test_hf_dataset_that_cannot_be_opened_is_one_clear_error(tmp_path: Path, make_config) -> None:
+    if importlib.util.find_spec("datasets") is None:
+        pytest.skip("datasets is not installed")
+    source = SourceConfig(type="hf", path=str(tmp_path / "no-such-dataset"), split="train")
+    with pytest.raises(DataError, match="cannot open Hugging Face dataset"):
+        prepare(make_config([source]))
