@@ -63,7 +63,7 @@ class OptimConfig:
     min_lr: float = 6e-5  # floor reached at the end of the decay
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
-    weight_decay: float = 0.1  # applied to matrices only (not norms, not embeddings' ... see optim.py)
+    weight_decay: float = 0.1  # applied to matrices (projections, embeddings); never to RMSNorm gains
     grad_clip: float = 1.0  # global L2 norm; 0 disables clipping
     schedule: str = "cosine"  # cosine | wsd | constant
     warmup_steps: int = 700

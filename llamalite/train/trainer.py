@@ -262,7 +262,9 @@ class Trainer:
             metrics["perf/mfu"] = tokens_per_s * self.flops_per_token / self.peak_flops
         return metrics
 
-    def _maybe_evaluate(self, logger, samples_file, result: TrainResult, bar, force: bool) -> None:
+    def _maybe_evaluate(
+        self, logger: MetricsLogger, samples_file: JsonlWriter, result: TrainResult, bar: tqdm, force: bool
+    ) -> None:
         cfg = self.train_cfg
         if cfg.eval_interval > 0 and (force or self.step % cfg.eval_interval == 0):
             started = time.perf_counter()
