@@ -92,7 +92,14 @@ class TrainConfig:
     sample_tokens: int = 48
     sample_temperature: float = 0.8
     sample_top_k: int = 50
-    save_interval: int = 0  # checkpoint every N steps (always at the end); 0: only at the end
+    save_interval: int = 0  # checkpoint every N steps (always at the end and when stopped by SIGTERM/SIGINT); 0: only then
+    keep_checkpoints: int = 3  # keep the newest N checkpoints (plus milestones); 0 keeps every one
+    milestone_interval: int = 0  # checkpoints at steps divisible by this are never deleted; 0: no milestones
+    reset_optimizer: bool = False  # on resume, start a fresh AdamW instead of the saved state (recorded as an event)
+    rewarmup_steps: int = 100  # after an optimizer reset the LR ramps up again over this many steps; 0: no ramp
+    spike_zscore: float = 0.0  # skip an update whose loss lies this many std above the recent window; 0 disables
+    spike_window: int = 100  # recent losses the z-score is measured against
+    max_skipped_steps: int = 10  # consecutive skipped updates (non-finite or spikes) before the run stops
     peak_flops: float | None = None  # device peak FLOP/s for MFU; None: looked up for known GPUs
     progress: bool = True  # progress bar with ETA
 

@@ -1,18 +1,26 @@
-"""Checkpoint directories: written under a temporary name, then renamed when complete.
+"""Checkpoint directories: written under a temporary name, fsynced, then renamed when complete.
 
-Layout of `checkpoints/step_XXXXXXX/`: `model.safetensors` (weights), `optimizer.pt` (AdamW state, read back
-with `torch.load(weights_only=True)`), `trainer_state.json` (step, tokens, loader position, config, tokenizer
-fingerprint) and `checksums.json` (sha256 of every other file).
+Layout of `checkpoints/step_XXXXXXX/`:
+  model.safetensors    the weights
+  optimizer.pt         AdamW state (absent when a run chose not to keep it), read with torch.load(weights_only=True)
+  rng.pt               python, numpy, torch CPU and CUDA generator states, read the same way
+  trainer_state.json   step, tokens seen, loader position, world size, config, tokenizer fingerprint, code version
+  checksums.json       sha256 of every other file, written last inside the directory
+`checkpoints/latest` names the newest complete checkpoint and is replaced only after the rename.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
+import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -20,6 +28,25 @@ from torch import nn
 from llamalite.data.shards import sha256_file
 
 CHECKSUMS = "checksums.json"
+LATEST = "latest"
+CHECKPOINT_NAME = re.compile(r"^step_(\d{7,})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is incomplete, corrupted or unusable, worded for the user."""
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any] | None
+    rng: dict[str, Any] | None
+    state: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
 
 
 def checkpoint_name(step: int) -> str:
@@ -34,35 +61,151 @@ def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().contiguous().cpu() for name, tensor in state.items()}
 
 
+def load_model_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    tensors = dict(tensors)
+    if getattr(model.config, "tie_embeddings", False):
+        tensors["lm_head.weight"] = tensors["embed_tokens.weight"]
+    model.load_state_dict(tensors)
+
+
+def load_model_weights(checkpoint_dir: Path, model: nn.Module) -> None:
+    load_model_tensors(model, load_file(checkpoint_dir / "model.safetensors"))
+
+
+# ------------------------------------------------------------------------------------------------- RNG
+def capture_rng_state() -> dict[str, Any]:
+    version, mt_state, gauss = random.getstate()
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": [version, list(mt_state), gauss],
+        "numpy": [np_kind, torch.from_numpy(np_keys.astype(np.int64)), np_pos, np_has_gauss, np_gauss],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    version, mt_state, gauss = state["python"]
+    random.setstate((version, tuple(mt_state), gauss))
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
+    np.random.set_state((np_kind, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------------------------------------- save
 def save_checkpoint(
     checkpoints_dir: Path,
     step: int,
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     trainer_state: dict[str, Any],
 ) -> Path:
+    """Write checkpoints/step_XXXXXXX atomically and point `latest` at it. The caller's RNG is captured here."""
+    checkpoints_dir.mkdir(parents=True, exist_ok=True)
     final = checkpoints_dir / checkpoint_name(step)
     tmp = checkpoints_dir / f".tmp_{checkpoint_name(step)}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp.mkdir()
     save_file(model_tensors(model), tmp / "model.safetensors")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(capture_rng_state(), tmp / "rng.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
     checksums = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
     (tmp / CHECKSUMS).write_text(json.dumps(checksums, indent=2))
     for f in tmp.iterdir():
         _fsync(f)
-    shutil.rmtree(final, ignore_errors=True)
+    _fsync(tmp)
+    if final.exists():
+        shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync(checkpoints_dir)
+    _write_latest(checkpoints_dir, final.name)
     return final
 
 
-def load_model_weights(checkpoint_dir: Path, model: nn.Module) -> None:
-    tensors = load_file(checkpoint_dir / "model.safetensors")
-    if getattr(model.config, "tie_embeddings", False):
-        tensors["lm_head.weight"] = tensors["embed_tokens.weight"]
-    model.load_state_dict(tensors)
+def _write_latest(checkpoints_dir: Path, name: str) -> None:
+    tmp = checkpoints_dir / f".{LATEST}.tmp"
+    tmp.write_text(name + "\n")
+    _fsync(tmp)
+    os.replace(tmp, checkpoints_dir / LATEST)
+    _fsync(checkpoints_dir)
+
+
+def prune_checkpoints(checkpoints_dir: Path, keep_last: int, milestone_interval: int) -> list[Path]:
+    """Delete all but the newest `keep_last` checkpoints and the milestones (steps divisible by the interval)."""
+    checkpoints = list_checkpoints(checkpoints_dir)
+    newest = set(checkpoints[-keep_last:]) if keep_last > 0 else set(checkpoints)
+    removed = []
+    for path in checkpoints:
+        step = checkpoint_step(path)
+        is_milestone = milestone_interval > 0 and step % milestone_interval == 0
+        if path not in newest and not is_milestone:
+            shutil.rmtree(path)
+            removed.append(path)
+    return removed
+
+
+# ------------------------------------------------------------------------------------------------- load
+def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
+    """Complete checkpoint directories (renamed into place), oldest first."""
+    if not checkpoints_dir.is_dir():
+        return []
+    found = [p for p in checkpoints_dir.iterdir() if p.is_dir() and CHECKPOINT_NAME.match(p.name)]
+    return sorted(found, key=checkpoint_step)
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(CHECKPOINT_NAME.match(path.name).group(1))
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Raise CheckpointError unless every file listed in checksums.json is present with its sha256."""
+    checksums_file = path / CHECKSUMS
+    if not checksums_file.is_file():
+        raise CheckpointError(f"{path} has no {CHECKSUMS} (an incomplete write)")
+    try:
+        checksums = json.loads(checksums_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{path}/{CHECKSUMS} is not valid JSON") from None
+    for name in ("model.safetensors", "trainer_state.json"):
+        if name not in checksums:
+            raise CheckpointError(f"{path} lacks {name}")
+    for name, expected in checksums.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing")
+        if sha256_file(file) != expected:
+            raise CheckpointError(f"{file} does not match its checksum (corrupted or truncated)")
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+    verify_checkpoint(path)
+    optimizer_file, rng_file = path / "optimizer.pt", path / "rng.pt"
+    return Checkpoint(
+        path=path,
+        model=load_file(path / "model.safetensors"),
+        optimizer=torch.load(optimizer_file, map_location=map_location, weights_only=True)
+        if optimizer_file.exists()
+        else None,
+        rng=torch.load(rng_file, weights_only=True) if rng_file.exists() else None,
+        state=json.loads((path / "trainer_state.json").read_text()),
+    )
+
+
+def newest_valid_checkpoint(checkpoints_dir: Path, on_corrupt=None) -> Checkpoint | None:
+    """The newest checkpoint that passes its checksums; each one that fails is reported through on_corrupt(path, why)."""
+    for path in reversed(list_checkpoints(checkpoints_dir)):
+        try:
+            return load_checkpoint(path)
+        except CheckpointError as exc:
+            if on_corrupt is not None:
+                on_corrupt(path, str(exc))
+    return None
 
 
 def _fsync(path: Path) -> None:

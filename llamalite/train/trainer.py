@@ -3,8 +3,10 @@ periodic validation, samples and checkpoints, metrics and a progress bar."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -21,9 +23,19 @@ from llamalite.generate import sample
 from llamalite.model.llama import Llama
 from llamalite.model.presets import training_flops_per_token
 from llamalite.tokenizer import Tokenizer
-from llamalite.train.checkpoint import save_checkpoint
-from llamalite.train.metrics import JsonlWriter, MetricsLogger, device_peak_flops
+from llamalite.train.checkpoint import (
+    Checkpoint,
+    checkpoint_step,
+    list_checkpoints,
+    load_model_tensors,
+    newest_valid_checkpoint,
+    prune_checkpoints,
+    restore_rng_state,
+    save_checkpoint,
+)
+from llamalite.train.metrics import JsonlWriter, MetricsLogger, device_peak_flops, truncate_jsonl_after
 from llamalite.train.optim import build_optimizer, learning_rate, set_learning_rate
+from llamalite.train.stability import StabilityGuard
 from llamalite.train.step import autocast_context, build_loss_fn, lm_loss
 
 RUN_FILES = ("metrics.jsonl", "events.jsonl", "evals.jsonl", "samples.jsonl", "tb", "checkpoints", "report")
@@ -69,6 +81,7 @@ class TrainResult:
     samples: list[dict[str, Any]] = field(default_factory=list)
     checkpoint: Path | None = None
     tokens_per_s: float = 0.0
+    stopped_by: str | None = None  # the signal that ended the run early
 
 
 class Trainer:
@@ -103,8 +116,12 @@ class Trainer:
         )
         self.flops_per_token = training_flops_per_token(config.model, self.seq_len)
         self.peak_flops = device_peak_flops(self.device, self.train_cfg.peak_flops)
+        self.guard = StabilityGuard(self.train_cfg.spike_zscore, self.train_cfg.spike_window,
+                                    self.train_cfg.max_skipped_steps)
         self.step = 0
         self.tokens_seen = 0
+        self.rewarmup_from: int | None = None  # the step of an optimizer reset, while its re-warmup applies
+        self._stop_signal: int | None = None
 
     def _resolve_vocab(self) -> None:
         model_cfg = self.config.model
@@ -118,27 +135,87 @@ class Trainer:
             )
 
     # ----------------------------------------------------------------------------------------------- run dir
-    def _open_run_dir(self) -> Path:
+    def _open_run_dir(self) -> tuple[Path, Checkpoint | None, list[tuple[Path, str]]]:
+        """The run directory, the checkpoint to resume from (None for a fresh run) and any corrupt ones skipped."""
         run_dir = self.config.run_path()
-        if (run_dir / "metrics.jsonl").exists():
-            if not self.train_cfg.overwrite:
-                raise TrainError(
-                    f"{run_dir} already holds a run: pick another name (name=...) or pass train.overwrite=true "
-                    "to delete it and start over"
-                )
+        holds_run = (run_dir / "metrics.jsonl").exists() or any(list_checkpoints(run_dir / "checkpoints"))
+        checkpoint, corrupt = None, []
+        if holds_run and self.train_cfg.overwrite:
             for entry in RUN_FILES:
                 path = run_dir / entry
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        elif holds_run:
+            checkpoint = newest_valid_checkpoint(run_dir / "checkpoints", on_corrupt=lambda p, why: corrupt.append((p, why)))
+            for path, why in corrupt:
+                print(f"checkpoint {path.name} is unusable ({why}): trying the previous one", file=sys.stderr)
+            if checkpoint is None:
+                raise TrainError(
+                    f"{run_dir} holds a run but no valid checkpoint to resume from: pick another name (name=...) "
+                    "or pass train.overwrite=true to delete it and start over"
+                )
+            for name in ("metrics.jsonl", "samples.jsonl"):  # the steps after the checkpoint will be redone
+                truncate_jsonl_after(run_dir / name, checkpoint.step)
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(self.config, run_dir / "config.yaml")
-        return run_dir
+        return run_dir, checkpoint, corrupt
+
+    def _resume(self, checkpoint: Checkpoint, run_dir: Path, logger: MetricsLogger) -> None:
+        state = checkpoint.state
+        self._check_same_model(checkpoint)
+        load_model_tensors(self.model, checkpoint.model)
+        if checkpoint.optimizer is None and not self.train_cfg.reset_optimizer:
+            raise TrainError(
+                f"{checkpoint.path} has no optimizer state: resuming with fresh AdamW moments makes the loss spike "
+                "(the lesson of DMaS-LLaMa-Lite). Pass train.reset_optimizer=true to accept a fresh optimizer with a "
+                f"{self.train_cfg.rewarmup_steps}-step LR re-warmup (train.rewarmup_steps)"
+            )
+        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        self.loader.load_state_dict(state["loader"])
+        self.guard.load_state_dict(state["stability"])
+        self.rewarmup_from = state.get("rewarmup_from")
+        if self.train_cfg.reset_optimizer:
+            self.rewarmup_from = self.step
+            logger.event(self.step, "optimizer_reset", checkpoint=checkpoint.path.name,
+                         had_optimizer_state=checkpoint.optimizer is not None,
+                         rewarmup_steps=self.train_cfg.rewarmup_steps)
+        else:
+            self.optimizer.load_state_dict(checkpoint.optimizer)
+        if checkpoint.rng is not None:
+            restore_rng_state(checkpoint.rng)
+        logger.event(self.step, "resume", checkpoint=checkpoint.path.name, tokens_seen=self.tokens_seen,
+                     world_size=1, saved_world_size=state.get("world_size", 1))
+        print(f"resuming {run_dir} from {checkpoint.path.name} (step {self.step:,}, {self.tokens_seen:,} tokens)")
+
+    def _check_same_model(self, checkpoint: Checkpoint) -> None:
+        saved = checkpoint.state["config"]["model"]
+        current = self.config.to_dict()["model"]
+        differences = [f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in current if k != "preset" and saved.get(k) != current[k]]
+        if differences:
+            raise TrainError(
+                f"the config's model differs from the checkpoint's ({'; '.join(differences)}): "
+                "resume with the model settings of the saved run"
+            )
+        if checkpoint.state.get("tokenizer_fingerprint") != self.tokenizer.fingerprint:
+            raise TrainError(
+                f"{checkpoint.path} was trained with another tokenizer than {self.data_dir}/tokenizer.json: "
+                "resume with the prepared data of the saved run"
+            )
 
     # ----------------------------------------------------------------------------------------------- steps
-    def train_step(self) -> tuple[float, float]:
-        """One optimizer update over accum_steps micro batches. Returns (mean loss, grad norm before clipping)."""
-        self.model.train()
+    def current_lr(self) -> float:
         lr = learning_rate(self.step, self.config.optim, self.train_cfg.max_steps)
-        set_learning_rate(self.optimizer, lr)
+        rewarmup = self.train_cfg.rewarmup_steps
+        if self.rewarmup_from is not None and rewarmup > 0:
+            lr *= min(1.0, (self.step - self.rewarmup_from + 1) / rewarmup)
+        return lr
+
+    def train_step(self) -> tuple[float, float]:
+        """One update over accum_steps micro batches. Returns (mean loss, grad norm before clipping).
+
+        The stability guard may skip the update (non-finite values, loss spikes); the step and its data count anyway.
+        """
+        self.model.train()
+        set_learning_rate(self.optimizer, self.current_lr())
         total_loss = torch.zeros((), device=self.device)
         for _ in range(self.accum_steps):
             inputs, targets = self.loader.next_batch()
@@ -148,11 +225,14 @@ class Trainer:
             loss.backward()
             total_loss += loss.detach()
         grad_norm = self._clip_gradients()
-        self.optimizer.step()
+        loss_value = float(total_loss)
+        self.skip_reason = self.guard.check(loss_value, grad_norm)
+        if self.skip_reason is None:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens_seen += self.train_cfg.batch_tokens
-        return float(total_loss), grad_norm
+        return loss_value, grad_norm
 
     def _clip_gradients(self) -> float:
         clip = self.config.optim.grad_clip
@@ -192,50 +272,61 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "world_size": 1,
             "loader": self.loader.state_dict(),
+            "stability": self.guard.state_dict(),
+            "rewarmup_from": self.rewarmup_from,
             "tokenizer_fingerprint": self.tokenizer.fingerprint,
             "config": self.config.to_dict(),
             "code_version": __version__,
         }
-        return save_checkpoint(run_dir / "checkpoints", self.step, self.model, self.optimizer, state)
+        checkpoints_dir = run_dir / "checkpoints"
+        path = save_checkpoint(checkpoints_dir, self.step, self.model, self.optimizer, state)
+        prune_checkpoints(checkpoints_dir, self.train_cfg.keep_checkpoints, self.train_cfg.milestone_interval)
+        return path
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self):
+        """SIGTERM (preemption) and SIGINT finish the current step, save a checkpoint and end the run cleanly."""
+        def request_stop(signum, frame):
+            self._stop_signal = signum
+
+        previous = {}
+        try:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                previous[signum] = signal.signal(signum, request_stop)
+        except ValueError:  # not the main thread: leave signals alone
+            pass
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
     # ----------------------------------------------------------------------------------------------- loop
     def fit(self) -> TrainResult:
-        run_dir = self._open_run_dir()
+        run_dir, checkpoint, corrupt = self._open_run_dir()
         cfg = self.train_cfg
         logger = MetricsLogger(run_dir)
+        for path, why in corrupt:
+            logger.event(checkpoint_step(path), "checkpoint_corrupted", checkpoint=path.name, reason=why)
+        if checkpoint is not None:
+            self._resume(checkpoint, run_dir, logger)
+        else:
+            logger.event(0, "start", world_size=1, device=str(self.device), parameters=self.model.num_parameters(),
+                         accumulation_steps=self.accum_steps, compile=cfg.compile, dtype=cfg.dtype)
         samples_file = JsonlWriter(run_dir / "samples.jsonl")
         result = TrainResult(run_dir=run_dir, steps=0, tokens=0)
-        logger.event(0, "start", world_size=1, device=str(self.device), parameters=self.model.num_parameters(),
-                     accumulation_steps=self.accum_steps, compile=cfg.compile, dtype=cfg.dtype)
         # A live bar on a terminal; plain log lines in files and CI logs, where a bar would be noise.
-        show_bar = cfg.progress and sys.stderr.isatty()
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step", disable=not show_bar,
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step",
+                   disable=not (cfg.progress and sys.stderr.isatty()),
                    dynamic_ncols=True)
         train_time, train_tokens = 0.0, 0
         run_started, self._first_step = time.perf_counter(), self.step
+        self.skip_reason = None
         try:
-            self._maybe_evaluate(logger, samples_file, result, bar, force=True)
-            while self.step < cfg.max_steps:
-                started = time.perf_counter()
-                loss, grad_norm = self.train_step()
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize()
-                elapsed = time.perf_counter() - started
-                train_time += elapsed
-                train_tokens += cfg.batch_tokens
-                if not math.isfinite(loss):
-                    raise TrainError(f"loss became {loss} at step {self.step}: lower optim.lr or check the data")
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{cfg.batch_tokens / elapsed:,.0f}")
-                if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
-                    logger.log(self.step, self._train_metrics(loss, grad_norm, cfg.batch_tokens / elapsed))
-                    if cfg.progress and not show_bar:
-                        print(self._progress_line(loss, cfg.batch_tokens / elapsed, time.perf_counter() - run_started),
-                              flush=True)
-                last = self.step == cfg.max_steps
-                self._maybe_evaluate(logger, samples_file, result, bar, force=last)
-                if last or (cfg.save_interval and self.step % cfg.save_interval == 0):
-                    result.checkpoint = self.save(run_dir)
+            with self._stop_on_signals():
+                if checkpoint is None:
+                    self._maybe_evaluate(logger, samples_file, result, bar, force=True)
+                train_time, train_tokens = self._train_loop(run_dir, logger, samples_file, result, bar, run_started)
         finally:
             bar.close()
             logger.close()
@@ -243,6 +334,55 @@ class Trainer:
         result.steps, result.tokens = self.step, self.tokens_seen
         result.tokens_per_s = train_tokens / train_time if train_time else 0.0
         return result
+
+    def _train_loop(
+        self, run_dir: Path, logger: MetricsLogger, samples_file: JsonlWriter, result: TrainResult, bar: tqdm,
+        run_started: float,
+    ) -> tuple[float, int]:
+        """Steps until max_steps or a stop signal. Returns (seconds spent in training steps, tokens they consumed)."""
+        cfg = self.train_cfg
+        train_time, train_tokens = 0.0, 0
+        while self.step < cfg.max_steps:
+            started = time.perf_counter()
+            loss, grad_norm = self.train_step()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - started
+            train_time += elapsed
+            train_tokens += cfg.batch_tokens
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{cfg.batch_tokens / elapsed:,.0f}")
+            if self.skip_reason is not None:
+                self._record_skip(run_dir, logger, result, loss)
+            if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
+                logger.log(self.step, self._train_metrics(loss, grad_norm, cfg.batch_tokens / elapsed))
+                if cfg.progress and bar.disable:
+                    print(self._progress_line(loss, cfg.batch_tokens / elapsed, time.perf_counter() - run_started),
+                          flush=True)
+            last = self.step == cfg.max_steps
+            self._maybe_evaluate(logger, samples_file, result, bar, force=last)
+            if self._stop_signal is not None:
+                result.checkpoint = self.save(run_dir)
+                name = signal.Signals(self._stop_signal).name
+                logger.event(self.step, "stopped", signal=name, checkpoint=result.checkpoint.name)
+                bar.write(f"{name}: saved {result.checkpoint} and stopped; run the same command again to resume",
+                          file=sys.stdout)
+                result.stopped_by = name
+                break
+            if last or (cfg.save_interval and self.step % cfg.save_interval == 0):
+                result.checkpoint = self.save(run_dir)
+        return train_time, train_tokens
+
+    def _record_skip(self, run_dir: Path, logger: MetricsLogger, result: TrainResult, loss: float) -> None:
+        logger.event(self.step, "skipped_step", reason=self.skip_reason, loss=loss,
+                     consecutive=self.guard.consecutive_skips)
+        if self.guard.exhausted:
+            result.checkpoint = self.save(run_dir)
+            raise TrainError(
+                f"{self.guard.consecutive_skips} updates in a row were skipped (last: {self.skip_reason}) at step "
+                f"{self.step}; the run stopped with checkpoint {result.checkpoint.name}. Lower optim.lr or inspect the "
+                "data, then run the same command to resume"
+            )
 
     def _progress_line(self, loss: float, tokens_per_s: float, seconds: float) -> str:
         steps_left = self.train_cfg.max_steps - self.step
@@ -253,6 +393,7 @@ class Trainer:
     def _train_metrics(self, loss: float, grad_norm: float, tokens_per_s: float) -> dict[str, float]:
         metrics = {
             "train/loss": loss,
+            "train/skipped": float(self.skip_reason is not None),
             "train/lr": self.optimizer.param_groups[0]["lr"],
             "train/grad_norm": grad_norm,
             "train/tokens": self.tokens_seen,

@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 import torch
@@ -53,12 +54,13 @@ def test_bf16_autocast_trains(corpus_dir, prepared_dir, tmp_path):
     assert result.val_losses[-1][1] < result.val_losses[0][1]
 
 
-def test_existing_run_directory_is_not_overwritten_by_accident(corpus_dir, prepared_dir, tmp_path):
+def test_a_run_without_a_valid_checkpoint_is_not_overwritten_by_accident(corpus_dir, prepared_dir, tmp_path):
     make_trainer(corpus_dir, prepared_dir, tmp_path / "r", max_steps=1).fit()
-    with pytest.raises(TrainError, match="already holds a run"):
+    shutil.rmtree(tmp_path / "r" / "checkpoints")
+    with pytest.raises(TrainError, match="no valid checkpoint"):
         make_trainer(corpus_dir, prepared_dir, tmp_path / "r", max_steps=1).fit()
     make_trainer(corpus_dir, prepared_dir, tmp_path / "r", max_steps=1, overwrite=True).fit()
-    assert len(read_jsonl(tmp_path / "r" / "events.jsonl")) == 1
+    assert [e["event"] for e in read_jsonl(tmp_path / "r" / "events.jsonl")] == ["start"]
 
 
 def test_vocab_smaller_than_the_tokenizer_is_refused(corpus_dir, prepared_dir, tmp_path):
