@@ -83,7 +83,8 @@ class TrainConfig:
     batch_tokens: int = 524288  # global batch in tokens per optimizer step (micro batches are accumulated)
     micro_batch_size: int = 8  # sequences per forward/backward on one device
     seq_len: int | None = None  # None: model.max_seq_len
-    max_steps: int = 1000
+    max_steps: int = 1000  # the run's length: the LR schedule spans these steps
+    stop_at_step: int | None = None  # end this invocation at this step with a checkpoint (time-limited jobs, branching)
     log_interval: int = 10
     eval_interval: int = 250  # val loss every N steps (and at the first and last step); 0 disables
     val_batches: int = 20  # micro batches of the fixed held-out set per evaluation

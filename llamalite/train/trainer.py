@@ -361,6 +361,10 @@ class Trainer:
                           flush=True)
             last = self.step == cfg.max_steps
             self._maybe_evaluate(logger, samples_file, result, bar, force=last)
+            if cfg.stop_at_step is not None and self.step >= cfg.stop_at_step and not last:
+                result.checkpoint = self.save(run_dir)
+                logger.event(self.step, "stopped", reason="train.stop_at_step", checkpoint=result.checkpoint.name)
+                break
             if self._stop_signal is not None:
                 result.checkpoint = self.save(run_dir)
                 name = signal.Signals(self._stop_signal).name

@@ -221,3 +221,13 @@ def test_truncate_drops_later_steps_and_torn_lines(tmp_path):
     path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "tr')
     truncate_jsonl_after(path, 2)
     assert read_jsonl(path) == [{"step": 1}, {"step": 2}]
+
+
+def test_stop_at_step_then_resume_equals_one_run(corpus_dir, prepared_dir, tmp_path):
+    straight = tmp_path / "straight"
+    Trainer(config_for(corpus_dir, prepared_dir, straight, max_steps=8, save_interval=0)).fit()
+    run_dir = tmp_path / "run"
+    first = Trainer(config_for(corpus_dir, prepared_dir, run_dir, max_steps=8, save_interval=0, stop_at_step=5)).fit()
+    assert first.steps == 5 and first.checkpoint.name == "step_0000005"
+    Trainer(config_for(corpus_dir, prepared_dir, run_dir, max_steps=8, save_interval=0)).fit()
+    assert final_weights(run_dir) == final_weights(straight)
