@@ -106,9 +106,10 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoints/step_XXXXXXX atomically and point `latest` at it. The caller's RNG is captured here."""
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    for stale in checkpoints_dir.glob(".tmp_step_*"):  # left by a write that crashed; never a valid checkpoint
+        shutil.rmtree(stale, ignore_errors=True)
     final = checkpoints_dir / checkpoint_name(step)
     tmp = checkpoints_dir / f".tmp_{checkpoint_name(step)}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file(model_tensors(model), tmp / "model.safetensors")
     if optimizer is not None:

@@ -137,8 +137,10 @@ def test_checkpoint_interrupted_mid_write_leaves_the_previous_one_loadable(corpu
     assert (checkpoints_dir / "latest").read_text().strip() == "step_0000002"
     assert [p.name for p in list_checkpoints(checkpoints_dir)] == ["step_0000002"]
     assert newest_valid_checkpoint(checkpoints_dir).step == 2
+    assert (checkpoints_dir / ".tmp_step_0000004").is_dir()
     Trainer(config_for(corpus_dir, prepared_dir, run_dir, max_steps=6)).fit()
     assert (checkpoints_dir / "latest").read_text().strip() == "step_0000006"
+    assert not list(checkpoints_dir.glob(".tmp_*"))
 
 
 def test_missing_optimizer_state_is_refused_unless_reset_is_asked_for(corpus_dir, prepared_dir, tmp_path):
