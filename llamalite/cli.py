@@ -45,8 +45,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     from llamalite.train.trainer import Trainer
 
     result = Trainer(load_config(args.config, args.overrides)).fit()
+    stopped = f"; stopped by {result.stopped_by}, run the same command to resume" if result.stopped_by else ""
     print(f"run directory: {result.run_dir}  ({result.steps} steps, {result.tokens:,} tokens, "
-          f"{result.tokens_per_s:,.0f} tokens/s)")
+          f"{result.tokens_per_s:,.0f} tokens/s{stopped})")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
