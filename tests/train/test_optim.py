@@ -1,7 +1,6 @@
 import math
 
 import pytest
-import torch
 
 from llamalite.config import OptimConfig
 from llamalite.model.llama import Llama, ModelConfig
