@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from llamalite.config import ConfigError, load_config
 
@@ -56,6 +57,23 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(args.config, args.overrides)
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from llamalite.export.hf import export_checkpoint
+
+    out = export_checkpoint(Path(args.checkpoint), Path(args.out_dir), dtype=args.dtype, trim_vocab=args.trim_vocab,
+                            shard_size=args.shard_size, tokenizer_path=Path(args.tokenizer) if args.tokenizer else None)
+    print(f"exported to {out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+
+
+def cmd_import(args: argparse.Namespace) -> None:
+    from llamalite.export.hf import import_hf
+
+    out = import_hf(Path(args.hf_dir), Path(args.out_dir))
+    has_tokenizer = (out / "tokenizer.json").exists()
+    print(f"imported {args.hf_dir} -> checkpoint {out} "
+          + ("with its tokenizer.json" if has_tokenizer else "without a tokenizer.json (export will need --tokenizer)"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llamalite", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -80,17 +98,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="demo config (default: configs/demo.yaml)")
     p.add_argument("overrides", nargs="*", help=overrides_help)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("export", help="checkpoint -> transformers LlamaForCausalLM folder (weights, config, tokenizer)")
+    p.add_argument("checkpoint", help="checkpoint directory (runs/<name>/checkpoints/step_XXXXXXX) or run directory (its newest)")
+    p.add_argument("out_dir", help="folder to write; AutoModelForCausalLM.from_pretrained loads it")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weight dtype (default: fp32)")
+    p.add_argument("--trim-vocab", action="store_true", help="cut the padded embedding/lm_head rows to the tokenizer's size")
+    p.add_argument("--shard-size", default="5GB", help="largest safetensors file before sharding (default: 5GB)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json to ship (default: the run's, <data.out_dir>/tokenizer.json)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import", help="transformers Llama folder (config.json + safetensors) -> checkpoint directory")
+    p.add_argument("hf_dir", help="local folder, e.g. a download of HuggingFaceTB/SmolLM-135M")
+    p.add_argument("out_dir", help="checkpoint directory to write")
+    p.set_defaults(func=cmd_import)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from llamalite.data import DataError
+    from llamalite.train.checkpoint import CheckpointError
     from llamalite.train.trainer import TrainError
 
     try:
         args.func(args)
-    except (ConfigError, DataError, TrainError, ValueError, FileNotFoundError) as exc:
+    except (ConfigError, DataError, TrainError, CheckpointError, ValueError, FileNotFoundError) as exc:
         if os.environ.get("LLAMALITE_DEBUG"):
             raise
         print(f"llamalite: error: {exc}  (set LLAMALITE_DEBUG=1 for a traceback)", file=sys.stderr)

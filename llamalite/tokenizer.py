@@ -105,6 +105,9 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self._inner.decode(list(ids), skip_special_tokens=False)
 
+    def token_to_id(self, token: str) -> int | None:
+        return self._inner.token_to_id(token)
+
     @property
     def eos_id(self) -> int:
         return self._eos_id

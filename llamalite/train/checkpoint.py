@@ -5,6 +5,7 @@ Layout of `checkpoints/step_XXXXXXX/`:
   optimizer.pt         AdamW state (absent when a run chose not to keep it), read with torch.load(weights_only=True)
   rng.pt               python, numpy, torch CPU and CUDA generator states, read the same way
   trainer_state.json   step, tokens seen, loader position, world size, config, tokenizer fingerprint, code version
+  tokenizer.json       only in checkpoints imported from transformers (llamalite import): their tokenizer
   checksums.json       sha256 of every other file, written last inside the directory
 `checkpoints/latest` names the newest complete checkpoint and is replaced only after the rename.
 """
@@ -25,7 +26,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from llamalite.config import config_from_dict
 from llamalite.data.shards import sha256_file
+from llamalite.model.llama import Llama
 
 CHECKSUMS = "checksums.json"
 LATEST = "latest"
@@ -108,10 +111,29 @@ def save_checkpoint(
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
     for stale in checkpoints_dir.glob(".tmp_step_*"):  # left by a write that crashed; never a valid checkpoint
         shutil.rmtree(stale, ignore_errors=True)
-    final = checkpoints_dir / checkpoint_name(step)
-    tmp = checkpoints_dir / f".tmp_{checkpoint_name(step)}"
-    tmp.mkdir()
+    final = write_checkpoint_dir(checkpoints_dir / checkpoint_name(step), model, optimizer, trainer_state)
+    _write_latest(checkpoints_dir, final.name)
+    return final
+
+
+def write_checkpoint_dir(
+    final: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    trainer_state: dict[str, Any],
+    extra_files: dict[str, Path] | None = None,
+) -> Path:
+    """Write one checkpoint directory at `final` through a temporary sibling renamed when complete.
+
+    `extra_files` (name -> source) are copied in before the checksums, which then cover them too.
+    """
+    tmp = final.parent / f".tmp_{final.name}"
+    if tmp.exists():  # left by a write that crashed
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
     save_file(model_tensors(model), tmp / "model.safetensors")
+    for name, source in (extra_files or {}).items():
+        shutil.copyfile(source, tmp / name)
     if optimizer is not None:
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(capture_rng_state(), tmp / "rng.pt")
@@ -124,8 +146,7 @@ def save_checkpoint(
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync(checkpoints_dir)
-    _write_latest(checkpoints_dir, final.name)
+    _fsync(final.parent)
     return final
 
 
@@ -196,6 +217,15 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Che
         rng=torch.load(rng_file, weights_only=True) if rng_file.exists() else None,
         state=json.loads((path / "trainer_state.json").read_text()),
     )
+
+
+def load_model_from_checkpoint(path: Path) -> Llama:
+    """The model of a checkpoint directory, built from its saved config, in fp32 on the CPU (optimizer state unread)."""
+    verify_checkpoint(path)
+    state = json.loads((path / "trainer_state.json").read_text())
+    model = Llama(config_from_dict(state["config"]).model)
+    load_model_weights(path, model)
+    return model
 
 
 def newest_valid_checkpoint(checkpoints_dir: Path, on_corrupt=None) -> Checkpoint | None:

@@ -1,0 +1,405 @@
+"""To and from transformers' LlamaForCausalLM, with identical logits.
+
+`export_checkpoint` turns a llamalite checkpoint into a folder that `AutoModelForCausalLM.from_pretrained` and
+`AutoTokenizer.from_pretrained` load with no code of ours: config.json, safetensors weights (sharded above a size,
+with model.safetensors.index.json), tokenizer.json + tokenizer_config.json, generation_config.json, README.md.
+`import_hf` turns a local Llama-architecture folder in transformers format back into a checkpoint directory.
+Neither needs transformers installed: both read and write its files directly.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tokenizers import Tokenizer as HFTokenizer
+
+from llamalite import __version__
+from llamalite.config import Config
+from llamalite.model.llama import Llama, ModelConfig
+from llamalite.tokenizer import Tokenizer
+from llamalite.train.checkpoint import (
+    list_checkpoints,
+    load_model_from_checkpoint,
+    load_model_tensors,
+    model_tensors,
+    write_checkpoint_dir,
+)
+from llamalite.train.metrics import read_jsonl
+
+DTYPES = {"fp32": (torch.float32, "float32"), "bf16": (torch.bfloat16, "bfloat16")}
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+# LlamaConfig's defaults, for keys a config.json leaves out.
+HF_DEFAULTS = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+               "num_attention_heads": 32, "hidden_act": "silu", "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
+               "tie_word_embeddings": False, "rope_theta": 10000.0, "bos_token_id": 1, "eos_token_id": 2}
+SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+class ExportError(ValueError):
+    """A checkpoint or transformers folder that cannot be converted, worded as one line that names the fix."""
+
+
+# ================================================================================================= export
+def export_checkpoint(
+    checkpoint: Path,
+    out_dir: Path,
+    dtype: str = "fp32",
+    trim_vocab: bool = False,
+    shard_size: str = "5GB",
+    tokenizer_path: Path | None = None,
+) -> Path:
+    """Write `checkpoint` (a checkpoint directory, or a run directory: its newest checkpoint) as a transformers folder."""
+    if dtype not in DTYPES:
+        raise ExportError(f"unknown export dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    max_shard_bytes = parse_size(shard_size)
+    checkpoint = resolve_checkpoint_dir(checkpoint)
+    _check_replaceable(out_dir, marker="config.json", what="an export")
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    tokenizer = find_tokenizer(checkpoint, state, tokenizer_path)
+    model = load_model_from_checkpoint(checkpoint)
+    if tokenizer.size > model.config.vocab_size:
+        raise ExportError(f"the tokenizer has {tokenizer.size} tokens but the model only {model.config.vocab_size} rows: "
+                          "pass --tokenizer with the run's tokenizer.json")
+    vocab_size = tokenizer.size if trim_vocab else model.config.vocab_size
+    torch_dtype, dtype_name = DTYPES[dtype]
+    special = special_tokens(state, tokenizer)
+
+    tmp = out_dir.parent / f".tmp_{out_dir.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_weights(hf_tensors(model, vocab_size, torch_dtype), tmp, max_shard_bytes)
+    write_json(tmp / "config.json", hf_config(model.config, vocab_size, dtype_name, special))
+    write_json(tmp / "generation_config.json", {key: special[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")})
+    tokenizer.save(tmp / "tokenizer.json")
+    write_json(tmp / "tokenizer_config.json", tokenizer_config(special, model.config.max_seq_len, state["config"]))
+    (tmp / "README.md").write_text(model_card(checkpoint, state, model, vocab_size, dtype_name))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def resolve_checkpoint_dir(path: Path) -> Path:
+    if (path / "trainer_state.json").is_file():
+        return path
+    checkpoints = list_checkpoints(path / "checkpoints")
+    if checkpoints:
+        return checkpoints[-1]
+    raise ExportError(f"checkpoint not found: {path} has no trainer_state.json "
+                      "(pass a checkpoint directory such as runs/<name>/checkpoints/step_0000150, or a run directory)")
+
+
+def find_tokenizer(checkpoint: Path, state: dict[str, Any], override: Path | None) -> Tokenizer:
+    """The run's tokenizer: --tokenizer, else tokenizer.json in the checkpoint, else <data.out_dir>/tokenizer.json."""
+    config = state["config"]
+    candidates = [override] if override else [checkpoint / "tokenizer.json", Path(config["data"]["out_dir"]) / "tokenizer.json"]
+    found = next((path for path in candidates if path.exists()), None)
+    if found is None:
+        raise ExportError(f"tokenizer not found at {' or '.join(map(str, candidates))}: "
+                          "pass --tokenizer PATH with the tokenizer.json the checkpoint was trained with")
+    tokenizer = Tokenizer.load(found, config["tokenizer"]["eos_token"])
+    expected = state.get("tokenizer_fingerprint")
+    if expected and tokenizer.fingerprint != expected:
+        raise ExportError(f"{found} is not the tokenizer {checkpoint} was trained with (its fingerprint differs): "
+                          "pass --tokenizer PATH with the run's tokenizer.json")
+    return tokenizer
+
+
+def special_tokens(state: dict[str, Any], tokenizer: Tokenizer) -> dict[str, Any]:
+    """bos/eos/unk/pad tokens and ids: all the end-of-text token (GPT-2's convention) unless an import recorded others."""
+    recorded = state.get("special_tokens") or {}
+    special: dict[str, Any] = {}
+    for name in SPECIAL_TOKENS:
+        token = recorded.get(name) or tokenizer.eos_token
+        special[name] = token
+        special[f"{name}_id"] = tokenizer.token_to_id(token)
+    special["eos_token"], special["eos_token_id"] = tokenizer.eos_token, tokenizer.eos_id
+    return special
+
+
+def hf_tensors(model: Llama, vocab_size: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """transformers' names (`model.` prefix, a tied lm_head omitted), vocabulary rows cut to vocab_size, cast."""
+    tensors = {}
+    for name, tensor in model_tensors(model).items():
+        if name in ("embed_tokens.weight", "lm_head.weight"):
+            tensor = tensor[:vocab_size]
+        tensors[name if name == "lm_head.weight" else f"model.{name}"] = tensor.to(dtype).contiguous()
+    return tensors
+
+
+def save_weights(tensors: dict[str, torch.Tensor], out_dir: Path, max_shard_bytes: int) -> None:
+    """One model.safetensors, or shards of at most max_shard_bytes (a bigger tensor gets its own) plus an index."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    shard_bytes = 0
+    for name, tensor in tensors.items():
+        size = tensor.numel() * tensor.element_size()
+        if shards[-1] and shard_bytes + size > max_shard_bytes:
+            shards.append({})
+            shard_bytes = 0
+        shards[-1][name] = tensor
+        shard_bytes += size
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], out_dir / SINGLE_FILE, metadata=metadata)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, out_dir / filename, metadata=metadata)
+        weight_map.update(dict.fromkeys(shard, filename))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    write_json(out_dir / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5 * 10**9, '2GiB' -> 2 * 2**30, '1000' -> 1000 bytes (transformers' convention)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else None
+    if unit not in SIZE_UNITS or float(match.group(1)) <= 0:
+        raise ExportError(f"shard size {text!r} is not a size: write e.g. 5GB, 500MB or 2GiB")
+    return int(float(match.group(1)) * SIZE_UNITS[unit])
+
+
+def hf_config(config: ModelConfig, vocab_size: int, dtype_name: str, special: dict[str, Any]) -> dict[str, Any]:
+    """What LlamaConfig.save_pretrained writes, plus the keys transformers 4 reads (rope_theta, torch_dtype)."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": vocab_size,
+        "hidden_size": config.d_model,
+        "intermediate_size": config.ffn_hidden,
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.n_kv_head,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.max_seq_len,
+        "rms_norm_eps": config.norm_eps,
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "rope_theta": config.rope_theta,
+        "tie_word_embeddings": config.tie_embeddings,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "initializer_range": config.init_std,
+        "pretraining_tp": 1,
+        "use_cache": True,
+        "bos_token_id": special["bos_token_id"],
+        "eos_token_id": special["eos_token_id"],
+        "pad_token_id": special["pad_token_id"],
+        "dtype": dtype_name,
+        "torch_dtype": dtype_name,
+    }
+
+
+def tokenizer_config(special: dict[str, Any], max_seq_len: int, config: dict[str, Any]) -> dict[str, Any]:
+    result = {"tokenizer_class": "PreTrainedTokenizerFast", **{name: special[name] for name in SPECIAL_TOKENS},
+              "model_max_length": max_seq_len, "clean_up_tokenization_spaces": False}
+    chat_template = (config.get("sft") or {}).get("chat_template")
+    if chat_template:
+        result["chat_template"] = chat_template
+    return result
+
+
+def model_card(checkpoint: Path, state: dict[str, Any], model: Llama, vocab_size: int, dtype_name: str) -> str:
+    config, name = model.config, state["config"].get("name", checkpoint.name)
+    run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
+    rows = [
+        ("parameters", f"{model.num_parameters():,}"),
+        ("layers / hidden / ffn", f"{config.n_layer} / {config.d_model} / {config.ffn_hidden}"),
+        ("heads / kv heads", f"{config.n_head} / {config.n_kv_head}"),
+        ("vocabulary / context", f"{vocab_size} / {config.max_seq_len}"),
+        ("embeddings", "tied" if config.tie_embeddings else "untied"),
+        ("weights", dtype_name),
+        ("training steps", f"{state['step']:,}"),
+        ("training tokens", f"{state['tokens_seen']:,}"),
+        ("final validation loss", final_val_loss(run_dir, state["step"])),
+    ]
+    lines = [
+        "---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [llamalite, llama]", "---", "",
+        f"# {name}", "",
+        f"{origin(state)}, exported from `{checkpoint.name}` by llamalite {__version__}.", "",
+        "| | |", "|---|---|", *(f"| {key} | {value} |" for key, value in rows), "",
+        "## Evaluations", "", *eval_table(run_dir), "",
+        "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+        'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")',
+        'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")',
+        'ids = tokenizer("Once upon a time", return_tensors="pt").input_ids',
+        "print(tokenizer.decode(model.generate(ids, max_new_tokens=40)[0]))", "```", "",
+    ]
+    return "\n".join(lines)
+
+
+def origin(state: dict[str, Any]) -> str:
+    if state.get("imported_from"):
+        return f"A LLaMA-style language model imported into llamalite from `{state['imported_from']}`"
+    return f"A LLaMA-style language model trained with llamalite {state.get('code_version', '')}".rstrip()
+
+
+def final_val_loss(run_dir: Path | None, step: int) -> str:
+    rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "val/loss" in r and r["step"] <= step] if run_dir else []
+    return f"{rows[-1]['val/loss']:.4f} (step {rows[-1]['step']:,})" if rows else "none recorded"
+
+
+def eval_table(run_dir: Path | None) -> list[str]:
+    """The newest step's results in evals.jsonl as a Markdown table (keys `eval/<task>/<metric>`)."""
+    records = read_jsonl(run_dir / "evals.jsonl") if run_dir else []
+    if not records:
+        return ["None recorded (no evals.jsonl in the run directory)."]
+    latest = max(r.get("step", 0) for r in records)
+    results: dict[str, float] = {}
+    for record in records:
+        if record.get("step", 0) == latest:
+            results.update({k: v for k, v in record.items() if k.startswith("eval/") and isinstance(v, (int, float))})
+    lines = [f"At step {latest:,}:", "", "| task | metric | value |", "|---|---|---:|"]
+    for key, value in results.items():
+        task, _, metric = key.removeprefix("eval/").rpartition("/")
+        lines.append(f"| {task} | {metric} | {value:.4f} |")
+    return lines
+
+
+# ================================================================================================= import
+def import_hf(hf_dir: Path, out_dir: Path) -> Path:
+    """Convert a local transformers Llama folder (config.json + safetensors) into a llamalite checkpoint at out_dir."""
+    hf_config_file = hf_dir / "config.json"
+    if not hf_config_file.is_file():
+        raise ExportError(f"{hf_config_file} not found: pass a transformers model folder (config.json + *.safetensors)")
+    _check_replaceable(out_dir, marker="trainer_state.json", what="a checkpoint")
+    hf = {**HF_DEFAULTS, **json.loads(hf_config_file.read_text())}
+    check_supported(hf)
+    model = Llama(model_config_from_hf(hf))
+    load_model_tensors(model, checked_tensors(model, read_hf_tensors(hf_dir)))
+
+    config = Config(name=hf_dir.name, model=model.config)
+    tokenizer_file = hf_dir / "tokenizer.json"
+    tokenizer, special = None, {}
+    if tokenizer_file.is_file():
+        special = hf_special_tokens(hf_dir, hf, tokenizer_file)
+        tokenizer = Tokenizer.load(tokenizer_file, special["eos_token"])
+        config.tokenizer.eos_token = tokenizer.eos_token
+        config.tokenizer.path = str(out_dir / "tokenizer.json")
+    state = {
+        "step": 0,
+        "tokens_seen": 0,
+        "world_size": 1,
+        "tokenizer_fingerprint": tokenizer.fingerprint if tokenizer else None,
+        "config": config.to_dict(),
+        "code_version": __version__,
+        "imported_from": str(hf_dir),
+        "special_tokens": special,
+    }
+    extra = {"tokenizer.json": tokenizer_file} if tokenizer else {}
+    return write_checkpoint_dir(out_dir, model, None, state, extra_files=extra)
+
+
+def check_supported(hf: dict[str, Any]) -> None:
+    """Refuse what our model does not compute the same way."""
+    architectures = hf.get("architectures") or ["LlamaForCausalLM"]
+    if hf.get("model_type") != "llama" or architectures != ["LlamaForCausalLM"]:
+        raise ExportError(f"model_type {hf.get('model_type')!r} / architectures {architectures} is not supported: "
+                          "only model_type 'llama' with LlamaForCausalLM can be imported")
+    for key in ("attention_bias", "mlp_bias"):
+        if hf.get(key):
+            raise ExportError(f"{key}=true is not supported: llamalite's Llama has no bias terms")
+    for key in ("rope_scaling", "rope_parameters"):
+        rope = hf.get(key) or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ExportError(f"{key} with rope_type {rope_type!r} is not supported: "
+                              "llamalite implements only default (unscaled) RoPE")
+    if hf["hidden_act"] != "silu":
+        raise ExportError(f"hidden_act {hf['hidden_act']!r} is not supported: llamalite's MLP is SwiGLU (silu)")
+    expected_head_dim = hf["hidden_size"] // hf["num_attention_heads"]
+    if hf.get("head_dim") not in (None, expected_head_dim):
+        raise ExportError(f"head_dim {hf['head_dim']} != hidden_size // num_attention_heads = {expected_head_dim} "
+                          "is not supported: llamalite derives head_dim from d_model and n_head")
+
+
+def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+    rope_theta = (hf.get("rope_parameters") or {}).get("rope_theta", hf["rope_theta"])
+    return ModelConfig(
+        vocab_size=hf["vocab_size"],
+        n_layer=hf["num_hidden_layers"],
+        d_model=hf["hidden_size"],
+        n_head=hf["num_attention_heads"],
+        n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        ffn_hidden=hf["intermediate_size"],
+        max_seq_len=hf["max_position_embeddings"],
+        rope_theta=float(rope_theta),
+        norm_eps=hf["rms_norm_eps"],
+        tie_embeddings=hf["tie_word_embeddings"],
+        init_std=hf.get("initializer_range", ModelConfig.init_std),
+    )
+
+
+def read_hf_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of model.safetensors or of the shards model.safetensors.index.json lists, under our names."""
+    if (hf_dir / INDEX_FILE).is_file():
+        files = sorted(set(json.loads((hf_dir / INDEX_FILE).read_text())["weight_map"].values()))
+    elif (hf_dir / SINGLE_FILE).is_file():
+        files = [SINGLE_FILE]
+    else:
+        raise ExportError(f"{hf_dir} has no {SINGLE_FILE} or {INDEX_FILE}: save the model with "
+                          "save_pretrained(..., safe_serialization=True) first")
+    tensors = {}
+    for filename in files:
+        with safe_open(hf_dir / filename, framework="pt") as f:
+            for name in f.keys():
+                if not name.endswith("rotary_emb.inv_freq"):  # a buffer old transformers versions saved
+                    tensors[name.removeprefix("model.")] = f.get_tensor(name)
+    return tensors
+
+
+def checked_tensors(model: Llama, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors the model needs, after checking that names and shapes match (a tied lm_head is dropped)."""
+    expected = model_tensors(model)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected) - {"lm_head.weight"})
+    if missing or unexpected:
+        raise ExportError(f"the weights do not fit the config (missing {missing[:3]}, unexpected {unexpected[:3]}): "
+                          "check that config.json belongs to these safetensors files")
+    for name, tensor in expected.items():
+        if tensors[name].shape != tensor.shape:
+            raise ExportError(f"{name} has shape {tuple(tensors[name].shape)} but the config implies {tuple(tensor.shape)}: "
+                              "check that config.json belongs to these safetensors files")
+    return {name: tensors[name] for name in expected}
+
+
+def hf_special_tokens(hf_dir: Path, hf: dict[str, Any], tokenizer_file: Path) -> dict[str, str | None]:
+    """bos/eos/unk/pad tokens from tokenizer_config.json, falling back to config.json's ids."""
+    tokenizer_config_file = hf_dir / "tokenizer_config.json"
+    declared = json.loads(tokenizer_config_file.read_text()) if tokenizer_config_file.is_file() else {}
+    inner = HFTokenizer.from_file(str(tokenizer_file))
+    special: dict[str, str | None] = {}
+    for name in SPECIAL_TOKENS:
+        token = declared.get(name)
+        if isinstance(token, dict):
+            token = token.get("content")
+        if token is None and name in ("bos_token", "eos_token") and hf.get(f"{name}_id") is not None:
+            token_id = hf[f"{name}_id"]
+            token = inner.id_to_token(token_id[0] if isinstance(token_id, list) else token_id)
+        special[name] = token
+    if special["eos_token"] is None:
+        raise ExportError(f"{hf_dir} names no end-of-text token (tokenizer_config.json eos_token or config.json "
+                          "eos_token_id): add one to tokenizer_config.json")
+    return special
+
+
+# ================================================================================================= helpers
+def _check_replaceable(out_dir: Path, marker: str, what: str) -> None:
+    """An output directory may be new, empty, or a previous output (holds `marker`); anything else is not overwritten."""
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / marker).exists():
+        raise ExportError(f"{out_dir} exists and is not {what}: choose a new directory or empty it")
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")

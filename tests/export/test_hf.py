@@ -1,0 +1,314 @@
+import importlib.util
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llamalite.cli import main
+from llamalite.config import Config, DataConfig
+from llamalite.export.hf import ExportError, export_checkpoint, import_hf, parse_size
+from llamalite.model.llama import Llama, ModelConfig, RMSNorm
+from llamalite.tokenizer import Tokenizer
+from llamalite.train.checkpoint import load_model_from_checkpoint, save_checkpoint
+
+transformers = pytest.importorskip("transformers")
+
+SENTENCES = [
+    "the king and the queen speak of love and war",
+    "a fair lady walks at night under the crown of stars",
+    "good lord, the sword is heavy and the heart is light",
+    "come now, go now, the day is foul and fair",
+]
+TEXT = "the queen speaks of war at night"
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    Tokenizer.train(SENTENCES * 10, vocab_size=300).save(folder / "tokenizer.json")
+    return folder
+
+
+def random_model(vocab_size: int, tie: bool = False, n_kv_head: int = 2, seed: int = 0) -> Llama:
+    """Random weights large enough that logits are O(1), and RMSNorm gains away from 1 so that the norms matter."""
+    torch.manual_seed(seed)
+    model = Llama(ModelConfig(vocab_size=vocab_size, n_layer=2, d_model=32, n_head=4, n_kv_head=n_kv_head,
+                              ffn_hidden=64, max_seq_len=32, rope_theta=50000.0, tie_embeddings=tie, init_std=0.2))
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, RMSNorm):
+                module.weight.uniform_(0.5, 1.5)
+    return model
+
+
+def write_checkpoint(run_dir, model: Llama, data_dir, step: int = 7):
+    tokenizer = Tokenizer.load(data_dir / "tokenizer.json")
+    config = Config(name="tiny-test", model=model.config, data=DataConfig(out_dir=str(data_dir)))
+    state = {"step": step, "tokens_seen": step * 64, "tokenizer_fingerprint": tokenizer.fingerprint,
+             "config": config.to_dict()}
+    return save_checkpoint(run_dir / "checkpoints", step, model, None, state)
+
+
+def padded_vocab(data_dir) -> int:
+    return Tokenizer.load(data_dir / "tokenizer.json").padded_vocab_size(64)
+
+
+def hf_logits(folder, tokens, dtype=torch.float32):
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    with torch.no_grad():
+        return model(tokens).logits.float()
+
+
+def our_logits(model, tokens):
+    with torch.no_grad():
+        return model(tokens)
+
+
+def random_tokens(vocab_size: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, vocab_size, (3, 32), generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------------------------------ export
+@pytest.mark.parametrize("tie,n_kv_head", [(False, 2), (False, 4), (True, 2), (True, 4)],
+                         ids=["untied-gqa", "untied-mha", "tied-gqa", "tied-mha"])
+def test_exported_model_gives_our_logits(tokenizer_dir, tmp_path, tie, n_kv_head):
+    model = random_model(padded_vocab(tokenizer_dir), tie=tie, n_kv_head=n_kv_head)
+    out = export_checkpoint(write_checkpoint(tmp_path / "run", model, tokenizer_dir), tmp_path / "hf")
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["tie_word_embeddings"] is tie
+    assert config["num_key_value_heads"] == n_kv_head and config["rope_parameters"]["rope_theta"] == 50000.0
+    assert ("lm_head.weight" in load_file(out / "model.safetensors")) is not tie
+    tokens = random_tokens(model.config.vocab_size)
+    ours = our_logits(model, tokens)
+    assert ours.abs().max() > 1.0  # the comparison is not between near-zero numbers
+    assert (hf_logits(out, tokens) - ours).abs().max() <= 1e-5
+
+
+def test_a_trained_run_exports_with_its_prepared_tokenizer(corpus_dir, prepared_dir, tmp_path):
+    from llamalite.train.trainer import Trainer
+    from tests.conftest import small_config
+
+    trainer = Trainer(small_config(corpus_dir, prepared_dir, tmp_path / "run", max_steps=2, eval_interval=2))
+    trainer.fit()
+    out = export_checkpoint(tmp_path / "run", tmp_path / "hf")
+    tokens = random_tokens(trainer.tokenizer.size)[:, :16]
+    assert (hf_logits(out, tokens) - our_logits(trainer.model.eval(), tokens)).abs().max() <= 1e-5
+    assert transformers.AutoTokenizer.from_pretrained(out)(TEXT).input_ids == trainer.tokenizer.encode(TEXT)
+    assert "| training steps | 2 |" in (out / "README.md").read_text()
+
+
+def test_exported_tokenizer_encodes_like_ours_and_eos_is_the_tokenizers(tokenizer_dir, tmp_path):
+    ours = Tokenizer.load(tokenizer_dir / "tokenizer.json")
+    out = export_checkpoint(write_checkpoint(tmp_path / "run", random_model(padded_vocab(tokenizer_dir)), tokenizer_dir),
+                            tmp_path / "hf")
+    theirs = transformers.AutoTokenizer.from_pretrained(out)
+    for text in [TEXT, *SENTENCES, "unseen wörds: 42!"]:
+        assert theirs(text).input_ids == ours.encode(text)
+    assert theirs.eos_token_id == ours.eos_id and theirs.pad_token_id == ours.eos_id
+    assert theirs.model_max_length == 32
+    generation = transformers.GenerationConfig.from_pretrained(out)
+    assert generation.eos_token_id == ours.eos_id and generation.pad_token_id == ours.eos_id
+    assert "chat_template" not in json.loads((out / "tokenizer_config.json").read_text())
+
+
+def test_generate_stops_at_eos(tokenizer_dir, tmp_path):
+    eos = Tokenizer.load(tokenizer_dir / "tokenizer.json").eos_id
+    model = random_model(padded_vocab(tokenizer_dir))
+    with torch.no_grad():  # every layer adds nothing, so the final norm sees the embedding: all ones
+        for parameter in model.parameters():
+            parameter.zero_()
+        model.embed_tokens.weight.fill_(1.0)
+        model.norm.weight.fill_(1.0)
+        model.lm_head.weight[eos] = 10.0  # greedy picks eos at once
+    out = export_checkpoint(write_checkpoint(tmp_path / "run", model, tokenizer_dir), tmp_path / "hf")
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    prompt = torch.tensor([[5, 6, 7]])
+    generated = hf_model.generate(prompt, max_new_tokens=8, do_sample=False)[0].tolist()
+    assert generated == [5, 6, 7, eos]
+
+
+def test_trimmed_vocab_and_bf16_exports_load_with_matching_logits(tokenizer_dir, tmp_path):
+    tokenizer_size = Tokenizer.load(tokenizer_dir / "tokenizer.json").size
+    model = random_model(padded_vocab(tokenizer_dir), tie=True)
+    assert model.config.vocab_size > tokenizer_size
+    checkpoint = write_checkpoint(tmp_path / "run", model, tokenizer_dir)
+    tokens = random_tokens(tokenizer_size)
+    ours = our_logits(model, tokens)
+
+    trimmed = export_checkpoint(checkpoint, tmp_path / "trimmed", trim_vocab=True)
+    assert json.loads((trimmed / "config.json").read_text())["vocab_size"] == tokenizer_size
+    assert load_file(trimmed / "model.safetensors")["model.embed_tokens.weight"].shape[0] == tokenizer_size
+    assert (hf_logits(trimmed, tokens) - ours[..., :tokenizer_size]).abs().max() <= 1e-5
+
+    bf16 = export_checkpoint(checkpoint, tmp_path / "bf16", dtype="bf16")
+    assert load_file(bf16 / "model.safetensors")["model.norm.weight"].dtype == torch.bfloat16
+    assert json.loads((bf16 / "config.json").read_text())["dtype"] == "bfloat16"
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(bf16)
+    assert loaded.dtype == torch.bfloat16
+    assert (hf_logits(bf16, tokens, dtype=torch.float32) - ours).abs().max() < 0.1 * ours.abs().max()
+
+
+def test_a_small_shard_size_writes_shards_with_an_index(tokenizer_dir, tmp_path):
+    model = random_model(padded_vocab(tokenizer_dir))
+    out = export_checkpoint(write_checkpoint(tmp_path / "run", model, tokenizer_dir), tmp_path / "hf", shard_size="20KB")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(out.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 2 and not (out / "model.safetensors").exists()
+    assert set(index["weight_map"].values()) == {shard.name for shard in shards}
+    assert index["metadata"]["total_size"] == sum(p.numel() * 4 for p in model.parameters())
+    tokens = random_tokens(model.config.vocab_size)
+    assert (hf_logits(out, tokens) - our_logits(model, tokens)).abs().max() <= 1e-5
+
+
+def test_shard_sizes_parse_like_transformers():
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size("500") == 500
+    with pytest.raises(ExportError, match="not a size"):
+        parse_size("5 parsecs")
+
+
+def test_model_card_reports_tokens_val_loss_and_latest_evals(tokenizer_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    checkpoint = write_checkpoint(run_dir, random_model(padded_vocab(tokenizer_dir)), tokenizer_dir, step=7)
+    (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"step": 0, "val/loss": 5.5}, {"step": 6, "val/loss": 4.25}, {"step": 9, "val/loss": 4.0}]) + "\n")
+    (run_dir / "evals.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"step": 3, "eval/hellaswag/acc_norm": 0.2}, {"step": 7, "eval/hellaswag/acc_norm": 0.3125}]) + "\n")
+    card = (export_checkpoint(checkpoint, tmp_path / "hf") / "README.md").read_text()
+    assert "| training tokens | 448 |" in card and "| training steps | 7 |" in card
+    assert "4.2500 (step 6)" in card
+    assert "At step 7" in card and "| hellaswag | acc_norm | 0.3125 |" in card
+
+
+def test_a_tokenizer_other_than_the_runs_is_refused(tokenizer_dir, tmp_path):
+    checkpoint = write_checkpoint(tmp_path / "run", random_model(padded_vocab(tokenizer_dir)), tokenizer_dir)
+    Tokenizer.train(["something else entirely"] * 5, vocab_size=280).save(tmp_path / "other.json")
+    with pytest.raises(ExportError, match="fingerprint differs"):
+        export_checkpoint(checkpoint, tmp_path / "hf", tokenizer_path=tmp_path / "other.json")
+    with pytest.raises(ExportError, match="tokenizer not found"):
+        export_checkpoint(checkpoint, tmp_path / "hf", tokenizer_path=tmp_path / "missing.json")
+
+
+# ------------------------------------------------------------------------------------------------ import
+def hf_llama_folder(folder, tokenizer_dir, tie: bool):
+    ours = Tokenizer.load(tokenizer_dir / "tokenizer.json")
+    config = transformers.LlamaConfig(
+        vocab_size=ours.size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32, rms_norm_eps=1e-6, tie_word_embeddings=tie,
+        rope_parameters={"rope_type": "default", "rope_theta": 20000.0}, initializer_range=0.2,
+        bos_token_id=ours.eos_id, eos_token_id=ours.eos_id)
+    torch.manual_seed(3)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("norm.weight"):
+                parameter.uniform_(0.5, 1.5)
+    model.save_pretrained(folder)
+    (folder / "tokenizer.json").write_bytes((tokenizer_dir / "tokenizer.json").read_bytes())
+    return model
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_imported_transformers_model_gives_its_logits(tokenizer_dir, tmp_path, tie):
+    hf_model = hf_llama_folder(tmp_path / "hf", tokenizer_dir, tie)
+    checkpoint = import_hf(tmp_path / "hf", tmp_path / "imported")
+    model = load_model_from_checkpoint(checkpoint)
+    assert model.config.rope_theta == 20000.0 and model.config.norm_eps == 1e-6 and model.config.tie_embeddings is tie
+    tokens = random_tokens(model.config.vocab_size)
+    with torch.no_grad():
+        expected = hf_model(tokens).logits
+    assert expected.abs().max() > 1.0
+    assert (our_logits(model, tokens) - expected).abs().max() <= 1e-5
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state["step"] == 0 and state["tokens_seen"] == 0
+    assert state["tokenizer_fingerprint"] == Tokenizer.load(checkpoint / "tokenizer.json").fingerprint
+
+
+BASE_HF_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 64, "hidden_size": 32,
+                  "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 4}
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"attention_bias": True}, "attention_bias=true is not supported"),
+    ({"mlp_bias": True}, "mlp_bias=true is not supported"),
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0}}, "rope_type 'llama3'"),
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_type 'linear'"),
+    ({"head_dim": 16}, "head_dim 16 != hidden_size // num_attention_heads = 8"),
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    ({"model_type": "mistral", "architectures": ["MistralForCausalLM"]}, "only model_type 'llama'"),
+], ids=["attention_bias", "mlp_bias", "llama3-rope", "linear-rope", "head_dim", "gelu", "mistral"])
+def test_unsupported_transformers_configs_are_refused(tmp_path, change, message):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**BASE_HF_CONFIG, **change}))
+    with pytest.raises(ExportError, match=message):
+        import_hf(tmp_path / "hf", tmp_path / "out")
+
+
+def test_export_import_export_gives_identical_files(tokenizer_dir, tmp_path):
+    model = random_model(padded_vocab(tokenizer_dir), tie=True)
+    first = export_checkpoint(write_checkpoint(tmp_path / "run", model, tokenizer_dir), tmp_path / "first")
+    second = export_checkpoint(import_hf(first, tmp_path / "imported"), tmp_path / "second")
+    a, b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (first / name).read_text() == (second / name).read_text(), name
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def test_cli_export_and_import(tokenizer_dir, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    write_checkpoint(run_dir, random_model(padded_vocab(tokenizer_dir)), tokenizer_dir)
+    assert main(["export", str(run_dir), str(tmp_path / "hf"), "--dtype", "bf16", "--trim-vocab"]) == 0
+    assert "from_pretrained" in capsys.readouterr().out
+    assert main(["import", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
+    assert "with its tokenizer.json" in capsys.readouterr().out
+    assert (tmp_path / "back" / "model.safetensors").exists()
+
+
+def test_cli_export_of_a_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):
+    assert main(["export", str(tmp_path / "nowhere"), str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint not found" in err and err.count("\n") == 1
+
+
+def test_cli_export_refuses_to_overwrite_a_folder_that_is_not_an_export(tokenizer_dir, tmp_path, capsys):
+    checkpoint = write_checkpoint(tmp_path / "run", random_model(padded_vocab(tokenizer_dir)), tokenizer_dir)
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "notes.txt").write_text("keep me")
+    assert main(["export", str(checkpoint), str(tmp_path / "precious")]) == 2
+    assert "is not an export" in capsys.readouterr().err
+    assert (tmp_path / "precious" / "notes.txt").exists()
+
+
+# ------------------------------------------------------------------------------------------------ lm_eval
+LM_EVAL_TASK = """task: llamalite_toy
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: question
+doc_to_choice: choices
+doc_to_target: label
+metric_list:
+  - metric: acc
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="lm-evaluation-harness is not installed")
+def test_lm_eval_runs_on_the_export(tokenizer_dir, tmp_path):
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    out = export_checkpoint(write_checkpoint(tmp_path / "run", random_model(padded_vocab(tokenizer_dir)), tokenizer_dir),
+                            tmp_path / "hf")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    docs = [{"question": "the king and the", "choices": [" queen", " night"], "label": 0},
+            {"question": "come now, go", "choices": [" now", " sword"], "label": 0}]
+    (tasks / "toy.jsonl").write_text("\n".join(json.dumps(d) for d in docs) + "\n")
+    (tasks / "llamalite_toy.yaml").write_text(LM_EVAL_TASK.format(data=tasks / "toy.jsonl"))
+    results = simple_evaluate(model="hf", model_args=f"pretrained={out},dtype=float32", tasks=["llamalite_toy"],
+                              task_manager=TaskManager(include_path=str(tasks)), device="cpu", batch_size=2)
+    assert 0.0 <= results["results"]["llamalite_toy"]["acc,none"] <= 1.0
