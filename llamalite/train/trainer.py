@@ -122,6 +122,8 @@ class Trainer:
         self.tokens_seen = 0
         self.rewarmup_from: int | None = None  # the step of an optimizer reset, while its re-warmup applies
         self._stop_signal: int | None = None
+        self.skip_reason: str | None = None  # why the stability guard skipped the last update, if it did
+        self._first_step = 0  # the step this invocation started from (for the ETA)
 
     def _resolve_vocab(self) -> None:
         model_cfg = self.config.model
@@ -321,7 +323,6 @@ class Trainer:
                    dynamic_ncols=True)
         train_time, train_tokens = 0.0, 0
         run_started, self._first_step = time.perf_counter(), self.step
-        self.skip_reason = None
         try:
             with self._stop_on_signals():
                 if checkpoint is None:
