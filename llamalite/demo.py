@@ -16,7 +16,8 @@ def default_demo_config() -> Path:
     return Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
-def run_demo(config_path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainResult:
+def run_demo(config_path: str | None = None, overrides: list[str] | tuple[str, ...] = (),
+             sft_overrides: list[str] | tuple[str, ...] = ()) -> TrainResult:
     from llamalite.data.prepare import prepare
     from llamalite.train.trainer import Trainer
 
@@ -30,6 +31,12 @@ def run_demo(config_path: str | None = None, overrides: list[str] | tuple[str, .
     print(f"[2/2] training the {config.model.preset or 'custom'} model for {config.train.max_steps} steps")
     result = Trainer(config).fit()
     print_summary(result, time.perf_counter() - started)
+    from llamalite.sft import run_demo_sft
+
+    run_demo_sft(result, sft_overrides)
+    from llamalite.report import build_report
+
+    print(f"report: {build_report([result.run_dir])}  (open it in a browser; llamalite report {result.run_dir} rebuilds it)")
     return result
 
 

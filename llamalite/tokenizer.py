@@ -105,6 +105,21 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self._inner.decode(list(ids), skip_special_tokens=False)
 
+    def token_byte_lengths(self) -> list[int]:
+        """UTF-8 bytes each id stands for (0 for special tokens): the denominator of bits per byte."""
+        special = {token.content for token in self._inner.get_added_tokens_decoder().values() if token.special}
+        vocab = self._inner.get_vocab(with_added_tokens=True)
+        byte_level = json.loads(self._inner.to_str()).get("decoder", {}) or {}
+        lengths = [0] * self.size
+        for token, index in vocab.items():
+            if token in special or index >= len(lengths):
+                continue
+            if byte_level.get("type") == "ByteLevel":
+                lengths[index] = len(token)  # byte-level BPE spells each byte as one character
+            else:
+                lengths[index] = len(self._inner.decode([index], skip_special_tokens=False).encode("utf-8"))
+        return lengths
+
     def token_to_id(self, token: str) -> int | None:
         return self._inner.token_to_id(token)
 

@@ -35,7 +35,12 @@ def test_demo_end_to_end_in_miniature(capsys, tmp_path):
     overrides = [f"data.out_dir={tmp_path / 'data'}", f"train.run_dir={tmp_path / 'run'}", "train.compile=false",
                  "train.max_steps=3", "train.eval_interval=3", "train.val_batches=1", "train.sample_interval=3",
                  "train.sample_tokens=4", "train.progress=false", "tokenizer.vocab_size=512"]
-    assert main(["demo", *overrides]) == 0
+    sft = ["--sft-override", "train.max_steps=2", "--sft-override", "train.eval_interval=2",
+           "--sft-override", "train.val_batches=1", "--sft-override", "train.progress=false"]
+    assert main(["demo", *sft, *overrides]) == 0
     out = capsys.readouterr().out
     assert "validation loss:" in out and "final / step-0 val loss" in out and "samples at step 3" in out
     assert (tmp_path / "run" / "checkpoints" / "step_0000003" / "model.safetensors").exists()
+    assert f"report: {tmp_path / 'run' / 'report' / 'index.html'}" in out
+    assert (tmp_path / "run" / "report" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "[sft] held-out answer loss" in out and (tmp_path / "run-sft" / "checkpoints" / "step_0000002").is_dir()

@@ -24,13 +24,7 @@ from llamalite import __version__
 from llamalite.config import Config
 from llamalite.model.llama import Llama, ModelConfig
 from llamalite.tokenizer import Tokenizer
-from llamalite.train.checkpoint import (
-    list_checkpoints,
-    load_model_from_checkpoint,
-    load_model_tensors,
-    model_tensors,
-    write_checkpoint_dir,
-)
+from llamalite.train.checkpoint import load_for_inference, load_model_tensors, model_tensors, write_checkpoint_dir
 from llamalite.train.metrics import read_jsonl
 
 DTYPES = {"fp32": (torch.float32, "float32"), "bf16": (torch.bfloat16, "bfloat16")}
@@ -62,14 +56,12 @@ def export_checkpoint(
     if dtype not in DTYPES:
         raise ExportError(f"unknown export dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     max_shard_bytes = parse_size(shard_size)
-    checkpoint = resolve_checkpoint_dir(checkpoint)
     _check_replaceable(out_dir, marker="config.json", what="an export")
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
-    tokenizer = find_tokenizer(checkpoint, state, tokenizer_path)
-    model = load_model_from_checkpoint(checkpoint)
-    if tokenizer.size > model.config.vocab_size:
-        raise ExportError(f"the tokenizer has {tokenizer.size} tokens but the model only {model.config.vocab_size} rows: "
-                          "pass --tokenizer with the run's tokenizer.json")
+    loaded = load_for_inference(checkpoint, tokenizer_path)
+    checkpoint, state, tokenizer, model = loaded.path, loaded.state, loaded.tokenizer, loaded.model
+    if any(".lora_" in name for name in model.state_dict()):
+        raise ExportError(f"{checkpoint} holds LoRA adapters: fold them in with `llamalite merge {checkpoint} OUT_DIR`, "
+                          "then export OUT_DIR")
     vocab_size = tokenizer.size if trim_vocab else model.config.vocab_size
     torch_dtype, dtype_name = DTYPES[dtype]
     special = special_tokens(state, tokenizer)
@@ -86,32 +78,6 @@ def export_checkpoint(
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     return out_dir
-
-
-def resolve_checkpoint_dir(path: Path) -> Path:
-    if (path / "trainer_state.json").is_file():
-        return path
-    checkpoints = list_checkpoints(path / "checkpoints")
-    if checkpoints:
-        return checkpoints[-1]
-    raise ExportError(f"checkpoint not found: {path} has no trainer_state.json "
-                      "(pass a checkpoint directory such as runs/<name>/checkpoints/step_0000150, or a run directory)")
-
-
-def find_tokenizer(checkpoint: Path, state: dict[str, Any], override: Path | None) -> Tokenizer:
-    """The run's tokenizer: --tokenizer, else tokenizer.json in the checkpoint, else <data.out_dir>/tokenizer.json."""
-    config = state["config"]
-    candidates = [override] if override else [checkpoint / "tokenizer.json", Path(config["data"]["out_dir"]) / "tokenizer.json"]
-    found = next((path for path in candidates if path.exists()), None)
-    if found is None:
-        raise ExportError(f"tokenizer not found at {' or '.join(map(str, candidates))}: "
-                          "pass --tokenizer PATH with the tokenizer.json the checkpoint was trained with")
-    tokenizer = Tokenizer.load(found, config["tokenizer"]["eos_token"])
-    expected = state.get("tokenizer_fingerprint")
-    if expected and tokenizer.fingerprint != expected:
-        raise ExportError(f"{found} is not the tokenizer {checkpoint} was trained with (its fingerprint differs): "
-                          "pass --tokenizer PATH with the run's tokenizer.json")
-    return tokenizer
 
 
 def special_tokens(state: dict[str, Any], tokenizer: Tokenizer) -> dict[str, Any]:

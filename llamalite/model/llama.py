@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llamalite.model.kv_cache import KVCache
+
 
 @dataclass
 class ModelConfig:
@@ -89,12 +91,22 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.d_model, kv_dim, bias=False)
         self.o_proj = nn.Linear(config.d_model, config.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
         batch, seq, _ = x.shape
         q = self.q_proj(x).view(batch, seq, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None or attn_mask is not None:
+            return self._masked_attention(q, k, v, attn_mask, cache, layer)
         if self.n_kv_head != self.n_head:
             # Each KV head serves n_head / n_kv_head query heads.
             repeats = self.n_head // self.n_kv_head
@@ -102,6 +114,32 @@ class Attention(nn.Module):
             v = v.repeat_interleave(repeats, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+    def _masked_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, cache: KVCache | None,
+        layer: int,
+    ) -> torch.Tensor:
+        """Attention over cached + new keys (KV heads read once per query group) under an explicit mask.
+
+        attn_mask None means causal: `is_causal` when nothing is cached yet, no mask for a single new
+        position (it sees every cached one), and an offset causal mask for several new positions.
+        """
+        batch, _, seq, _ = q.shape
+        cached = cache.length if cache is not None else 0
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        is_causal = attn_mask is None and cached == 0
+        if attn_mask is None and cached > 0 and seq > 1:
+            attn_mask = causal_mask(seq, cached + seq, q.device)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                             enable_gqa=self.n_kv_head != self.n_head)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+def causal_mask(queries: int, keys: int, device: torch.device | None = None) -> torch.Tensor:
+    """Boolean (queries, keys) mask for the last `queries` of `keys` positions: True where a query may attend."""
+    offset = keys - queries
+    return torch.ones(queries, keys, dtype=torch.bool, device=device).tril(diagonal=offset)
 
 
 class SwiGLU(nn.Module):
@@ -123,8 +161,16 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = SwiGLU(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -156,15 +202,62 @@ class Llama(nn.Module):
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        *,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        output_positions: torch.Tensor | None = None,
+        head: bool = True,
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab_size) for tokens (B, T).
+
+        With no keyword argument this is the training path: positions 0..T-1 and causal attention.
+        positions: (B, T) int positions for RoPE, each below max_seq_len (left-padded rows, packed
+            sequences that restart at 0). Default: consecutive, starting after what `cache` holds.
+        attn_mask: boolean mask broadcastable to (B, 1, T, S), True where query t may attend key s;
+            S is T, or cache.length + T with a cache. It replaces the causal mask, so it must encode
+            causality itself (block-diagonal causal for packed sequences). Every query row should
+            allow at least one key. Default: causal.
+        cache: a KVCache; the new keys/values are written after its `length` positions, which
+            then grows by T.
+        output_positions: (B, K) indices into T: logits (B, K, vocab_size) at those positions only. The
+            vocabulary projection dominates small models, so scoring a few positions is much cheaper.
+        head: False returns the final normalised hidden states (B, T, d_model) instead of logits, for a
+            loss that applies `lm_head` itself a chunk at a time.
+        """
         seq = tokens.shape[1]
-        if seq > self.config.max_seq_len:
-            raise ValueError(f"sequence length {seq} exceeds the model's max_seq_len {self.config.max_seq_len}")
-        cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
+        if positions is None and attn_mask is None and cache is None:
+            if seq > self.config.max_seq_len:
+                raise ValueError(f"sequence length {seq} exceeds the model's max_seq_len {self.config.max_seq_len}")
+            cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
+        else:
+            cos, sin = self._rope_at(tokens, positions, cache)
+        if cache is not None:
+            cache.check_room(seq)
         x = self.embed_tokens(tokens)
-        for layer in self.layers:
-            x = layer(x, cos, sin)
-        return self.lm_head(self.norm(x))
+        for index, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, attn_mask, cache, index)
+        if cache is not None:
+            cache.advance(seq)
+        if output_positions is not None:
+            x = x.gather(1, output_positions.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        x = self.norm(x)
+        return self.lm_head(x) if head else x
+
+    def _rope_at(
+        self, tokens: torch.Tensor, positions: torch.Tensor | None, cache: KVCache | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of shape (B, 1, T, head_dim) (or (T, head_dim) for consecutive positions)."""
+        if positions is None:
+            start = cache.length if cache is not None else 0
+            end = start + tokens.shape[1]
+            if end > self.config.max_seq_len:
+                raise ValueError(f"position {end - 1} is beyond the model's max_seq_len {self.config.max_seq_len}")
+            return self.rope_cos[start:end], self.rope_sin[start:end]
+        return self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # parameters() yields a tied weight once

@@ -29,6 +29,7 @@ from torch import nn
 from llamalite.config import config_from_dict
 from llamalite.data.shards import sha256_file
 from llamalite.model.llama import Llama
+from llamalite.tokenizer import Tokenizer
 
 CHECKSUMS = "checksums.json"
 LATEST = "latest"
@@ -42,7 +43,7 @@ class CheckpointError(RuntimeError):
 @dataclass
 class Checkpoint:
     path: Path
-    model: dict[str, torch.Tensor]
+    model: dict[str, torch.Tensor] | None  # None for a sharded (FSDP) checkpoint: its weights are in dcp/
     optimizer: dict[str, Any] | None
     rng: dict[str, Any] | None
     state: dict[str, Any]
@@ -72,6 +73,11 @@ def load_model_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> No
 
 
 def load_model_weights(checkpoint_dir: Path, model: nn.Module) -> None:
+    from llamalite.train.distributed import is_sharded, load_sharded_model_weights
+
+    if is_sharded(checkpoint_dir):  # written with train.parallel=fsdp: gathered here in one process
+        load_sharded_model_weights(checkpoint_dir, model)
+        return
     load_model_tensors(model, load_file(checkpoint_dir / "model.safetensors"))
 
 
@@ -194,7 +200,8 @@ def verify_checkpoint(path: Path) -> None:
         checksums = json.loads(checksums_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"{path}/{CHECKSUMS} is not valid JSON") from None
-    for name in ("model.safetensors", "trainer_state.json"):
+    weights = "dcp/.metadata" if "dcp/.metadata" in checksums else "model.safetensors"  # sharded (FSDP) or single file
+    for name in (weights, "trainer_state.json"):
         if name not in checksums:
             raise CheckpointError(f"{path} lacks {name}")
     for name, expected in checksums.items():
@@ -210,7 +217,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Che
     optimizer_file, rng_file = path / "optimizer.pt", path / "rng.pt"
     return Checkpoint(
         path=path,
-        model=load_file(path / "model.safetensors"),
+        model=load_file(path / "model.safetensors") if (path / "model.safetensors").exists() else None,  # None: sharded
         optimizer=torch.load(optimizer_file, map_location=map_location, weights_only=True)
         if optimizer_file.exists()
         else None,
@@ -226,6 +233,76 @@ def load_model_from_checkpoint(path: Path) -> Llama:
     model = Llama(config_from_dict(state["config"]).model)
     load_model_weights(path, model)
     return model
+
+
+def resolve_checkpoint_dir(path: Path) -> Path:
+    if (path / "trainer_state.json").is_file():
+        return path
+    checkpoints = list_checkpoints(path / "checkpoints")
+    if checkpoints:
+        return checkpoints[-1]
+    raise CheckpointError(f"checkpoint not found: {path} has no trainer_state.json "
+                      "(pass a checkpoint directory such as runs/<name>/checkpoints/step_0000150, or a run directory)")
+
+
+def find_tokenizer(checkpoint: Path, state: dict[str, Any], override: Path | None) -> Tokenizer:
+    """The run's tokenizer: --tokenizer, else tokenizer.json in the checkpoint, else <data.out_dir>/tokenizer.json."""
+    config = state["config"]
+    candidates = [override] if override else [checkpoint / "tokenizer.json", Path(config["data"]["out_dir"]) / "tokenizer.json"]
+    found = next((path for path in candidates if path.exists()), None)
+    if found is None:
+        raise CheckpointError(f"tokenizer not found at {' or '.join(map(str, candidates))}: "
+                          "pass --tokenizer PATH with the tokenizer.json the checkpoint was trained with")
+    tokenizer = Tokenizer.load(found, config["tokenizer"]["eos_token"])
+    expected = state.get("tokenizer_fingerprint")
+    if expected and tokenizer.fingerprint != expected:
+        raise CheckpointError(f"{found} is not the tokenizer {checkpoint} was trained with (its fingerprint differs): "
+                          "pass --tokenizer PATH with the run's tokenizer.json")
+    return tokenizer
+
+
+@dataclass
+class InferenceModel:
+    """A checkpoint's model (eval mode), its tokenizer and trainer state: what eval, generate and chat need."""
+
+    path: Path
+    model: Llama
+    tokenizer: Tokenizer
+    state: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+    @property
+    def tokens_seen(self) -> int:
+        return int(self.state.get("tokens_seen", 0))
+
+
+def load_for_inference(path: Path, tokenizer_path: Path | None = None) -> InferenceModel:
+    """Load a checkpoint directory (or a run directory: its newest checkpoint) with its tokenizer, checked to match."""
+    checkpoint = resolve_checkpoint_dir(Path(path))
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    tokenizer = find_tokenizer(checkpoint, state, tokenizer_path)
+    model = _inference_model(checkpoint)
+    if tokenizer.size > model.config.vocab_size:
+        raise CheckpointError(f"the tokenizer has {tokenizer.size} tokens but the model only {model.config.vocab_size} "
+                              "embedding rows: pass the tokenizer.json this checkpoint was trained with")
+    return InferenceModel(checkpoint, model.eval(), tokenizer, state)
+
+
+def _inference_model(checkpoint: Path) -> nn.Module:
+    """The checkpoint's model; a LoRA fine-tuning checkpoint (llamalite sft) comes with its adapters applied."""
+    from safetensors import safe_open
+
+    verify_checkpoint(checkpoint)
+    with safe_open(str(checkpoint / "model.safetensors"), framework="pt") as f:
+        is_lora = any(".lora_A." in name for name in f.keys())
+    if is_lora:
+        from llamalite.sft import load_sft_model
+
+        return load_sft_model(checkpoint)[3]
+    return load_model_from_checkpoint(checkpoint)
 
 
 def newest_valid_checkpoint(checkpoints_dir: Path, on_corrupt=None) -> Checkpoint | None:

@@ -13,7 +13,9 @@ import torch
 # Dense bf16 tensor-core peaks (FLOP/s) by substring of torch.cuda.get_device_name().
 GPU_PEAK_BF16_FLOPS = {
     "H200": 989.4e12,
-    "H100": 989.4e12,
+    "H100 PCIe": 756e12,  # before "H100": the first key found in the name wins
+    "H100 NVL": 835e12,
+    "H100": 989.4e12,  # SXM
     "A100": 312e12,
     "A10G": 125e12,
     "L40S": 362e12,
@@ -68,6 +70,12 @@ class MetricsLogger:
             for name, value in metrics.items():
                 self.tb.add_scalar(name, value, step)
 
+    def scalars(self, step: int, metrics: dict[str, float]) -> None:
+        """TensorBoard only: for metrics whose JSON record lives elsewhere (evals.jsonl)."""
+        if self.tb is not None:
+            for name, value in metrics.items():
+                self.tb.add_scalar(name, value, step)
+
     def event(self, step: int, kind: str, **details: Any) -> None:
         self.events.write({"step": step, "time": time.time(), "event": kind, **details})
 
@@ -79,10 +87,19 @@ class MetricsLogger:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON Lines file; a torn last line (a writer killed mid-line, or still writing) is skipped."""
     if not path.exists():
         return []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    records = []
+    for number, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number != len(lines) - 1:
+                raise
+    return records
 
 
 def truncate_jsonl_after(path: Path, step: int) -> None:

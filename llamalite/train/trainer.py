@@ -4,7 +4,9 @@ periodic validation, samples and checkpoints, metrics and a progress bar."""
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import os
 import shutil
 import signal
 import sys
@@ -19,14 +21,19 @@ from tqdm.auto import tqdm
 from llamalite import __version__
 from llamalite.config import Config, save_config
 from llamalite.data.loader import TokenLoader, read_manifest, validation_batches
+from llamalite.eval.harness import validation_metrics
+from llamalite.eval.runner import EVALS_FILE, BenchmarkSuite, eval_record
 from llamalite.generate import sample
 from llamalite.model.llama import Llama
 from llamalite.model.presets import training_flops_per_token
 from llamalite.tokenizer import Tokenizer
+from llamalite.train import distributed
 from llamalite.train.checkpoint import (
     Checkpoint,
+    checkpoint_name,
     checkpoint_step,
     list_checkpoints,
+    load_checkpoint,
     load_model_tensors,
     newest_valid_checkpoint,
     prune_checkpoints,
@@ -36,7 +43,7 @@ from llamalite.train.checkpoint import (
 from llamalite.train.metrics import JsonlWriter, MetricsLogger, device_peak_flops, truncate_jsonl_after
 from llamalite.train.optim import build_optimizer, learning_rate, set_learning_rate
 from llamalite.train.stability import StabilityGuard
-from llamalite.train.step import autocast_context, build_loss_fn, lm_loss
+from llamalite.train.step import autocast_context, build_loss_fn
 
 RUN_FILES = ("metrics.jsonl", "events.jsonl", "evals.jsonl", "samples.jsonl", "tb", "checkpoints", "report")
 
@@ -91,29 +98,29 @@ class Trainer:
         if self.train_cfg.threads:
             torch.set_num_threads(self.train_cfg.threads)
         self.device = resolve_device(self.train_cfg.device)
+        self.dist = distributed.init_distributed(self.device.type)  # rank 0 of 1 without torchrun
+        if self.dist.active and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        self.parallel = distributed.resolve_parallel(self.train_cfg.parallel, self.dist.world_size)
         configure_device(self.device)
         torch.manual_seed(self.train_cfg.seed)
 
         self.data_dir = Path(config.data.out_dir)
-        self.manifest = read_manifest(self.data_dir)
-        self.tokenizer = Tokenizer.load(self.data_dir / self.manifest["tokenizer"]["file"], config.tokenizer.eos_token)
+        self.tokenizer = self.build_tokenizer()
         self._resolve_vocab()
         self.seq_len = self.train_cfg.seq_len or config.model.max_seq_len
         if self.seq_len > config.model.max_seq_len:
             raise TrainError(f"train.seq_len {self.seq_len} exceeds model.max_seq_len {config.model.max_seq_len}")
-        self.accum_steps = accumulation_steps(self.train_cfg.batch_tokens, self.train_cfg.micro_batch_size, self.seq_len)
+        self.accum_steps = accumulation_steps(self.train_cfg.batch_tokens, self.train_cfg.micro_batch_size, self.seq_len,
+                                              self.dist.world_size)
 
-        self.model = Llama(config.model).to(self.device)
-        self.optimizer = build_optimizer(self.model, config.optim, self.device.type)
-        self.loss_fn = build_loss_fn(self.model, self.train_cfg.compile)
-        self.loader = TokenLoader(
-            self.data_dir, "train", self.train_cfg.micro_batch_size, self.seq_len, seed=self.train_cfg.seed
-        )
-        self.val_batches = (
-            validation_batches(self.data_dir, self.train_cfg.micro_batch_size, self.seq_len, self.train_cfg.val_batches)
-            if self.train_cfg.eval_interval > 0
-            else []
-        )
+        self.model = self.build_model().to(self.device)
+        self.loss_fn, self.sync_module = self._parallelize()
+        self.optimizer = build_optimizer(self.model, config.optim, self.device.type)  # after FSDP made params DTensors
+        self.loader, self.val_batches = self.build_data()
+        self.token_byte_lengths = self.tokenizer.token_byte_lengths()  # for val/bits_per_byte
+        self.benchmarks = (BenchmarkSuite(config.eval, self.tokenizer)
+                           if config.eval.tasks and config.eval.interval > 0 else None)
         self.flops_per_token = training_flops_per_token(config.model, self.seq_len)
         self.peak_flops = device_peak_flops(self.device, self.train_cfg.peak_flops)
         self.guard = StabilityGuard(self.train_cfg.spike_zscore, self.train_cfg.spike_window,
@@ -124,6 +131,46 @@ class Trainer:
         self._stop_signal: int | None = None
         self.skip_reason: str | None = None  # why the stability guard skipped the last update, if it did
         self._first_step = 0  # the step this invocation started from (for the ETA)
+
+    # Hooks that fine-tuning (llamalite/sft.py) overrides to bring its base model, tokenizer and data.
+    def build_tokenizer(self) -> Tokenizer:
+        self.manifest = read_manifest(self.data_dir)
+        return Tokenizer.load(self.data_dir / self.manifest["tokenizer"]["file"], self.config.tokenizer.eos_token)
+
+    def build_model(self) -> torch.nn.Module:
+        return Llama(self.config.model)
+
+    def build_data(self) -> tuple[Any, list[Any]]:
+        """The training loader (it has state_dict/load_state_dict) and the fixed validation batches."""
+        loader = TokenLoader(
+            self.data_dir, "train", self.train_cfg.micro_batch_size, self.seq_len, seed=self.train_cfg.seed,
+            rank=self.dist.rank, world_size=self.dist.world_size,
+        )
+        val_batches = (
+            validation_batches(self.data_dir, self.train_cfg.micro_batch_size, self.seq_len, self.train_cfg.val_batches)
+            if self.train_cfg.eval_interval > 0
+            else []
+        )
+        return loader, val_batches
+
+    def micro_batch_loss(self, batch: Any) -> torch.Tensor:
+        """The mean loss of one micro batch from the loader (called under autocast)."""
+        inputs, targets = (t.to(self.device, non_blocking=True) for t in batch)
+        return self.loss_fn(inputs, targets)
+
+    def _parallelize(self) -> tuple[Any, Any]:
+        """(the loss function of micro_batch_loss, the module whose gradient sync is toggled: None on one process).
+
+        One process with the defaults keeps the plain path: the model and loss compiled as one function."""
+        cfg = self.train_cfg
+        if self.dist.active and type(self).micro_batch_loss is not Trainer.micro_batch_loss:
+            raise TrainError(f"{type(self).__name__} computes its own loss and runs on one process for now: "
+                             "launch it without torchrun")
+        if (self.parallel == "none" and cfg.activation_checkpointing == "none" and cfg.loss_chunk_tokens <= 0
+                and cfg.compile_scope == "loss"):
+            return build_loss_fn(self.model, cfg.compile), None
+        return distributed.parallelize(self.model, self.parallel, self.device, cfg.dtype, cfg.activation_checkpointing,
+                                       cfg.compile, cfg.compile_scope, cfg.loss_chunk_tokens)
 
     def _resolve_vocab(self) -> None:
         model_cfg = self.config.model
@@ -138,7 +185,27 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------- run dir
     def _open_run_dir(self) -> tuple[Path, Checkpoint | None, list[tuple[Path, str]]]:
-        """The run directory, the checkpoint to resume from (None for a fresh run) and any corrupt ones skipped."""
+        """The run directory, the checkpoint to resume from (None for a fresh run) and any corrupt ones skipped.
+
+        Rank 0 alone prepares the directory and picks the checkpoint; the other ranks load the one it picked."""
+        if not self.dist.active:
+            return self._prepare_run_dir()
+        found, problem = (None, []), None
+        if self.dist.is_main:
+            try:
+                run_dir, checkpoint, corrupt = self._prepare_run_dir()
+                found = (checkpoint.path if checkpoint else None, corrupt)
+            except (TrainError, ValueError) as exc:
+                problem = exc
+        found, problem = distributed.broadcast_from_main((found, problem))
+        if problem is not None:
+            raise problem
+        path, corrupt = found
+        if self.dist.is_main:
+            return run_dir, checkpoint, corrupt
+        return self.config.run_path(), load_checkpoint(path) if path is not None else None, corrupt
+
+    def _prepare_run_dir(self) -> tuple[Path, Checkpoint | None, list[tuple[Path, str]]]:
         run_dir = self.config.run_path()
         holds_run = (run_dir / "metrics.jsonl").exists() or any(list_checkpoints(run_dir / "checkpoints"))
         checkpoint, corrupt = None, []
@@ -155,7 +222,7 @@ class Trainer:
                     f"{run_dir} holds a run but no valid checkpoint to resume from: pick another name (name=...) "
                     "or pass train.overwrite=true to delete it and start over"
                 )
-            for name in ("metrics.jsonl", "samples.jsonl"):  # the steps after the checkpoint will be redone
+            for name in ("metrics.jsonl", "samples.jsonl", EVALS_FILE):  # the steps after the checkpoint will be redone
                 truncate_jsonl_after(run_dir / name, checkpoint.step)
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(self.config, run_dir / "config.yaml")
@@ -164,8 +231,8 @@ class Trainer:
     def _resume(self, checkpoint: Checkpoint, run_dir: Path, logger: MetricsLogger) -> None:
         state = checkpoint.state
         self._check_same_model(checkpoint)
-        load_model_tensors(self.model, checkpoint.model)
-        if checkpoint.optimizer is None and not self.train_cfg.reset_optimizer:
+        self._load_model_state(checkpoint)
+        if not self._has_optimizer_state(checkpoint) and not self.train_cfg.reset_optimizer:
             raise TrainError(
                 f"{checkpoint.path} has no optimizer state: resuming with fresh AdamW moments makes the loss spike "
                 "(the lesson of DMaS-LLaMa-Lite). Pass train.reset_optimizer=true to accept a fresh optimizer with a "
@@ -178,15 +245,44 @@ class Trainer:
         if self.train_cfg.reset_optimizer:
             self.rewarmup_from = self.step
             logger.event(self.step, "optimizer_reset", checkpoint=checkpoint.path.name,
-                         had_optimizer_state=checkpoint.optimizer is not None,
+                         had_optimizer_state=self._has_optimizer_state(checkpoint),
                          rewarmup_steps=self.train_cfg.rewarmup_steps)
         else:
-            self.optimizer.load_state_dict(checkpoint.optimizer)
+            self._load_optimizer_state(checkpoint)
         if checkpoint.rng is not None:
             restore_rng_state(checkpoint.rng)
+        saved_world_size = state.get("world_size", 1)
         logger.event(self.step, "resume", checkpoint=checkpoint.path.name, tokens_seen=self.tokens_seen,
-                     world_size=1, saved_world_size=state.get("world_size", 1))
+                     world_size=self.dist.world_size, saved_world_size=saved_world_size)
+        if saved_world_size != self.dist.world_size:
+            # The loader's position is global and batch_tokens fixed: only the accumulation steps change.
+            logger.event(self.step, "world_size_change", previous_world_size=saved_world_size,
+                         world_size=self.dist.world_size, accumulation_steps=self.accum_steps, parallel=self.parallel)
+            print(f"world size {saved_world_size} -> {self.dist.world_size}: same global batch of "
+                  f"{self.train_cfg.batch_tokens:,} tokens with {self.accum_steps} accumulation steps")
         print(f"resuming {run_dir} from {checkpoint.path.name} (step {self.step:,}, {self.tokens_seen:,} tokens)")
+
+    def _has_optimizer_state(self, checkpoint: Checkpoint) -> bool:
+        return checkpoint.optimizer is not None or distributed.is_sharded(checkpoint.path)
+
+    def _load_model_state(self, checkpoint: Checkpoint) -> None:
+        if distributed.is_sharded(checkpoint.path):
+            distributed.load_sharded(checkpoint.path, self.model, None)
+        elif self.parallel == "fsdp":
+            tensors = dict(checkpoint.model)
+            if self.config.model.tie_embeddings:
+                tensors["lm_head.weight"] = tensors["embed_tokens.weight"]
+            distributed.load_full_state(self.model, None, tensors, None)
+        else:
+            load_model_tensors(self.model, checkpoint.model)
+
+    def _load_optimizer_state(self, checkpoint: Checkpoint) -> None:
+        if distributed.is_sharded(checkpoint.path):
+            distributed.load_sharded(checkpoint.path, self.model, self.optimizer, load_model=False)
+        elif self.parallel == "fsdp":
+            distributed.load_full_state(self.model, self.optimizer, None, checkpoint.optimizer)
+        else:
+            self.optimizer.load_state_dict(checkpoint.optimizer)
 
     def _check_same_model(self, checkpoint: Checkpoint) -> None:
         saved = checkpoint.state["config"]["model"]
@@ -219,15 +315,16 @@ class Trainer:
         self.model.train()
         set_learning_rate(self.optimizer, self.current_lr())
         total_loss = torch.zeros((), device=self.device)
-        for _ in range(self.accum_steps):
-            inputs, targets = self.loader.next_batch()
-            inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
-            with autocast_context(self.device, self.train_cfg.dtype):
-                loss = self.loss_fn(inputs, targets) / self.accum_steps
-            loss.backward()
+        for index in range(self.accum_steps):
+            batch = self.loader.next_batch()
+            # Gradients are reduced across ranks on the last micro step only.
+            with distributed.gradient_sync(self.sync_module, self.parallel, index == self.accum_steps - 1):
+                with autocast_context(self.device, self.train_cfg.dtype):
+                    loss = self.micro_batch_loss(batch) / self.accum_steps
+                loss.backward()
             total_loss += loss.detach()
         grad_norm = self._clip_gradients()
-        loss_value = float(total_loss)
+        loss_value = float(distributed.mean_across_ranks(total_loss))
         self.skip_reason = self.guard.check(loss_value, grad_norm)
         if self.skip_reason is None:
             self.optimizer.step()
@@ -239,16 +336,16 @@ class Trainer:
     def _clip_gradients(self) -> float:
         clip = self.config.optim.grad_clip
         max_norm = clip if clip > 0 else math.inf
-        return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        return distributed.clip_grad_norm(list(self.model.parameters()), max_norm)
 
-    @torch.no_grad()
-    def validation_loss(self) -> float:
+    def validation_metrics(self) -> dict[str, float]:
+        """val/loss, val/perplexity and val/bits_per_byte on the fixed held-out batches."""
         self.model.eval()
-        losses = []
-        for inputs, targets in self.val_batches:
-            with autocast_context(self.device, self.train_cfg.dtype):
-                losses.append(float(lm_loss(self.model(inputs.to(self.device)), targets.to(self.device))))
-        return sum(losses) / len(losses)
+        return validation_metrics(self.model, self.val_batches, self.token_byte_lengths, self.device,
+                                  autocast_context(self.device, self.train_cfg.dtype))
+
+    def validation_loss(self) -> float:
+        return self.validation_metrics()["val/loss"]
 
     def generate_samples(self) -> list[dict[str, Any]]:
         self.model.eval()
@@ -272,7 +369,8 @@ class Trainer:
         state = {
             "step": self.step,
             "tokens_seen": self.tokens_seen,
-            "world_size": 1,
+            "world_size": self.dist.world_size,
+            "parallel": self.parallel,
             "loader": self.loader.state_dict(),
             "stability": self.guard.state_dict(),
             "rewarmup_from": self.rewarmup_from,
@@ -281,8 +379,16 @@ class Trainer:
             "code_version": __version__,
         }
         checkpoints_dir = run_dir / "checkpoints"
-        path = save_checkpoint(checkpoints_dir, self.step, self.model, self.optimizer, state)
-        prune_checkpoints(checkpoints_dir, self.train_cfg.keep_checkpoints, self.train_cfg.milestone_interval)
+        if self.parallel == "fsdp":  # every rank writes its shards (DCP); rank 0 completes the directory
+            path = distributed.save_sharded_checkpoint(checkpoints_dir, self.step, self.model, self.optimizer, state,
+                                                       self.dist)
+        elif self.dist.is_main:  # replicated state: rank 0 alone writes it
+            path = save_checkpoint(checkpoints_dir, self.step, self.model, self.optimizer, state)
+        else:
+            path = checkpoints_dir / checkpoint_name(self.step)
+        if self.dist.is_main:
+            prune_checkpoints(checkpoints_dir, self.train_cfg.keep_checkpoints, self.train_cfg.milestone_interval)
+        distributed.barrier()  # no rank runs ahead (or exits) before the checkpoint is complete
         return path
 
     @contextlib.contextmanager
@@ -305,21 +411,28 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------- loop
     def fit(self) -> TrainResult:
+        if not self.dist.is_main:  # the other ranks compute everything, and print and write nothing
+            with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+                return self._fit()
+        return self._fit()
+
+    def _fit(self) -> TrainResult:
         run_dir, checkpoint, corrupt = self._open_run_dir()
         cfg = self.train_cfg
-        logger = MetricsLogger(run_dir)
+        logger = MetricsLogger(run_dir) if self.dist.is_main else distributed.NullLogger()
         for path, why in corrupt:
             logger.event(checkpoint_step(path), "checkpoint_corrupted", checkpoint=path.name, reason=why)
         if checkpoint is not None:
             self._resume(checkpoint, run_dir, logger)
         else:
-            logger.event(0, "start", world_size=1, device=str(self.device), parameters=self.model.num_parameters(),
+            logger.event(0, "start", world_size=self.dist.world_size, parallel=self.parallel, device=str(self.device),
+                         parameters=sum(p.numel() for p in self.model.parameters()),  # global numel under FSDP too
                          accumulation_steps=self.accum_steps, compile=cfg.compile, dtype=cfg.dtype)
-        samples_file = JsonlWriter(run_dir / "samples.jsonl")
+        samples_file = JsonlWriter(run_dir / "samples.jsonl") if self.dist.is_main else distributed.NullLogger()
         result = TrainResult(run_dir=run_dir, steps=0, tokens=0)
         # A live bar on a terminal; plain log lines in files and CI logs, where a bar would be noise.
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step",
-                   disable=not (cfg.progress and sys.stderr.isatty()),
+                   disable=not (cfg.progress and sys.stderr.isatty() and self.dist.is_main),
                    dynamic_ncols=True)
         train_time, train_tokens = 0.0, 0
         run_started, self._first_step = time.perf_counter(), self.step
@@ -366,7 +479,7 @@ class Trainer:
                 result.checkpoint = self.save(run_dir)
                 logger.event(self.step, "stopped", reason="train.stop_at_step", checkpoint=result.checkpoint.name)
                 break
-            if self._stop_signal is not None:
+            if self._stop_requested():
                 result.checkpoint = self.save(run_dir)
                 name = signal.Signals(self._stop_signal).name
                 logger.event(self.step, "stopped", signal=name, checkpoint=result.checkpoint.name)
@@ -377,6 +490,15 @@ class Trainer:
             if last or (cfg.save_interval and self.step % cfg.save_interval == 0):
                 result.checkpoint = self.save(run_dir)
         return train_time, train_tokens
+
+    def _stop_requested(self) -> bool:
+        """Whether a signal asked to stop; across ranks, any rank's signal stops all of them at the same step."""
+        if not self.dist.active:
+            return self._stop_signal is not None
+        signum = torch.tensor(self._stop_signal or 0, device=self.device)
+        torch.distributed.all_reduce(signum, op=torch.distributed.ReduceOp.MAX)
+        self._stop_signal = int(signum) or None
+        return self._stop_signal is not None
 
     def _record_skip(self, run_dir: Path, logger: MetricsLogger, result: TrainResult, loss: float) -> None:
         logger.event(self.step, "skipped_step", reason=self.skip_reason, loss=loss,
@@ -404,9 +526,27 @@ class Trainer:
             "train/tokens": self.tokens_seen,
             "perf/tokens_per_s": tokens_per_s,
         }
-        if self.peak_flops:
-            metrics["perf/mfu"] = tokens_per_s * self.flops_per_token / self.peak_flops
+        if self.peak_flops:  # tokens_per_s counts every rank's tokens, so the peak is every device's
+            metrics["perf/mfu"] = tokens_per_s * self.flops_per_token / (self.peak_flops * self.dist.world_size)
+        if self.device.type == "cuda":  # the peak since the previous record, on this (rank 0's) device
+            metrics["perf/peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            torch.cuda.reset_peak_memory_stats(self.device)
         return metrics
+
+    def _run_benchmarks(self, logger: MetricsLogger, bar: tqdm) -> None:
+        """Score the configured benchmarks; one evals.jsonl record and TensorBoard scalars with the step and tokens."""
+        started = time.perf_counter()
+        self.model.eval()
+        results = self.benchmarks.run(self.model, self.config.model.max_seq_len, self.device,
+                                      autocast_context(self.device, self.train_cfg.dtype))
+        seconds = time.perf_counter() - started
+        record = eval_record(self.step, self.tokens_seen, seconds, "train", results, limit=self.config.eval.limit)
+        if self.dist.is_main:
+            with open(logger.jsonl.path.parent / EVALS_FILE, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        logger.scalars(self.step, {**record["metrics"], "eval/seconds": seconds, "eval/tokens": self.tokens_seen})
+        summary = "  ".join(f"{name} {r.metrics['acc']:.3f}" for name, r in results.items())
+        bar.write(f"step {self.step:>6}  {summary}  ({seconds:.1f}s)", file=sys.stdout)
 
     def _maybe_evaluate(
         self, logger: MetricsLogger, samples_file: JsonlWriter, result: TrainResult, bar: tqdm, force: bool
@@ -414,11 +554,13 @@ class Trainer:
         cfg = self.train_cfg
         if cfg.eval_interval > 0 and (force or self.step % cfg.eval_interval == 0):
             started = time.perf_counter()
-            val_loss = self.validation_loss()
+            val = self.validation_metrics()
             seconds = time.perf_counter() - started
-            logger.log(self.step, {"val/loss": val_loss, "train/tokens": self.tokens_seen, "val/seconds": seconds})
-            result.val_losses.append((self.step, val_loss))
-            bar.write(f"step {self.step:>6}  val/loss {val_loss:.4f}  ({seconds:.1f}s)", file=sys.stdout)
+            logger.log(self.step, {**val, "train/tokens": self.tokens_seen, "val/seconds": seconds})
+            result.val_losses.append((self.step, val["val/loss"]))
+            bar.write(f"step {self.step:>6}  val/loss {val['val/loss']:.4f}  ({seconds:.1f}s)", file=sys.stdout)
+        if self.benchmarks is not None and (force or self.step % self.config.eval.interval == 0):
+            self._run_benchmarks(logger, bar)
         wants_samples = cfg.sample_prompts and cfg.sample_interval > 0
         if wants_samples and (force or self.step % cfg.sample_interval == 0):
             for record in self.generate_samples():

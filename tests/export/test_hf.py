@@ -10,7 +10,7 @@ from llamalite.config import Config, DataConfig
 from llamalite.export.hf import ExportError, export_checkpoint, import_hf, parse_size
 from llamalite.model.llama import Llama, ModelConfig, RMSNorm
 from llamalite.tokenizer import Tokenizer
-from llamalite.train.checkpoint import load_model_from_checkpoint, save_checkpoint
+from llamalite.train.checkpoint import CheckpointError, load_model_from_checkpoint, save_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
@@ -183,9 +183,9 @@ def test_model_card_reports_tokens_val_loss_and_latest_evals(tokenizer_dir, tmp_
 def test_a_tokenizer_other_than_the_runs_is_refused(tokenizer_dir, tmp_path):
     checkpoint = write_checkpoint(tmp_path / "run", random_model(padded_vocab(tokenizer_dir)), tokenizer_dir)
     Tokenizer.train(["something else entirely"] * 5, vocab_size=280).save(tmp_path / "other.json")
-    with pytest.raises(ExportError, match="fingerprint differs"):
+    with pytest.raises(CheckpointError, match="fingerprint differs"):
         export_checkpoint(checkpoint, tmp_path / "hf", tokenizer_path=tmp_path / "other.json")
-    with pytest.raises(ExportError, match="tokenizer not found"):
+    with pytest.raises(CheckpointError, match="tokenizer not found"):
         export_checkpoint(checkpoint, tmp_path / "hf", tokenizer_path=tmp_path / "missing.json")
 
 

@@ -1,0 +1,165 @@
+"""`llamalite chat`: a terminal chat with a checkpoint, in the chat template it was fine-tuned with.
+
+Interactive on a terminal (streamed answers, `/reset` forgets the history, `/exit` or Ctrl-D quits);
+when stdin is not a terminal every line is a user turn and each answer is printed on its own line, for scripts.
+
+Templates and their rendering come from llamalite/data/sft.py (exactly as fine-tuning tokenized them):
+`get_template`, `encode_prompt` (answers end with the EOS *id*), `stop_strings`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+from llamalite.config import ChatTemplate, ConfigError, config_from_dict
+from llamalite.data.sft import encode_prompt, get_template, stop_strings, template_from_config
+from llamalite.generate import Generation, SamplingOptions, iter_generate_ids
+from llamalite.tokenizer import Tokenizer
+
+DEFAULT_TEMPLATE = "plain"
+
+
+def template_from_state(state: dict[str, Any], name: str | None = None) -> tuple[str, ChatTemplate]:
+    """(name, template): `name` when given, else the one a fine-tuned checkpoint was trained with, else plain.
+
+    A checkpoint counts as fine-tuned when its config's sft section names a base or data (every config
+    has an sft.template default, so the name alone does not say a run was fine-tuned).
+    """
+    raw = state.get("config") or {}
+    sft = raw.get("sft") or {}
+    if name is None and (sft.get("base") or sft.get("data")):
+        try:
+            config = config_from_dict(raw)
+            return config.sft.template, template_from_config(config)
+        except ConfigError as exc:
+            warnings.warn(f"{exc}; using the {DEFAULT_TEMPLATE!r} template (pass --template to choose)", stacklevel=2)
+    name = name or DEFAULT_TEMPLATE
+    extra = {}
+    if name in (sft.get("templates") or {}):  # a template defined in the run's config
+        extra = config_from_dict(raw).sft.templates
+    return name, get_template(name, extra)
+
+
+class ChatSession:
+    """Multi-turn history; the oldest turns are dropped when the conversation outgrows the context."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, template: ChatTemplate,
+                 options: SamplingOptions, generator: torch.Generator | None = None, system: str | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.template = template
+        stops = tuple(options.stop) + tuple(stop_strings(template, tokenizer.eos_token))
+        self.options = SamplingOptions(options.max_new_tokens, options.temperature, options.top_k, options.top_p, stops)
+        self.generator = generator
+        self.system = system
+        self.history: list[dict[str, str]] = []
+
+    def reset(self) -> None:
+        self.history = []
+
+    def prompt_ids(self) -> list[int]:
+        """The rendered history, ending with the assistant's cue to answer."""
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return encode_prompt(system + self.history, self.template, self.tokenizer)
+
+    def drop_oldest_turns(self) -> list[int]:
+        """Forget the oldest turns while the prompt leaves too little room for an answer; return the prompt."""
+        context = self.model.config.max_seq_len
+        room = min(self.options.max_new_tokens, context // 2)
+        while True:
+            ids = self.prompt_ids()
+            user_turns = [i for i, m in enumerate(self.history) if m["role"] == "user"]
+            if len(ids) + room <= context or len(user_turns) <= 1:
+                return ids  # the newest turn alone is truncated from the left by generate if it must be
+            self.history = self.history[user_turns[1]:]
+
+    def reply(self, text: str, on_text: Callable[[str], None] | None = None) -> Generation:
+        self.history.append({"role": "user", "content": text})
+        result = None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a prompt cut to the context is reported as the result's prompt_truncated
+            pieces = iter_generate_ids(self.model, [self.drop_oldest_turns()], self.options,
+                                       eos_id=self.tokenizer.eos_id, tokenizer=self.tokenizer, generator=self.generator)
+            for piece in pieces:
+                if piece.text and on_text is not None:
+                    on_text(piece.text)
+                result = piece.done or result
+        answer = result.text.strip()
+        if answer:
+            self.history.append({"role": "assistant", "content": answer})
+        else:  # a conversation never holds an empty answer (fine-tuning never saw one): forget the exchange
+            self.history.pop()
+        return result
+
+
+def run_chat(checkpoint: Path, template: str | None, options: SamplingOptions, seed: int | None = None,
+             system: str | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None,
+             jsonl: bool = False) -> None:
+    from llamalite.train.checkpoint import load_for_inference
+
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    loaded = load_for_inference(checkpoint)
+    name, chat_template = template_from_state(loaded.state, template)
+    session = ChatSession(loaded.model, loaded.tokenizer, chat_template, options, seeded_generator(seed), system)
+    if stdin.isatty():
+        print(f"chatting with {loaded.path} (template {name}); /reset forgets the history, "
+              "/exit quits", file=stdout)
+        _interactive(session, stdout)
+    else:
+        _scripted(session, stdin, stdout, jsonl)
+
+
+def seeded_generator(seed: int | None) -> torch.Generator:
+    generator = torch.Generator()
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+def _interactive(session: ChatSession, stdout: TextIO) -> None:
+    def show(piece: str) -> None:
+        stdout.write(piece)
+        stdout.flush()
+
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            print(file=stdout)
+            return
+        if line == "/exit":
+            return
+        if line == "/reset":
+            session.reset()
+            print("(history cleared)", file=stdout)
+        elif line:
+            show("assistant> ")
+            session.reply(line, on_text=show)
+            show("\n")
+
+
+def _scripted(session: ChatSession, stdin: TextIO, stdout: TextIO, jsonl: bool) -> None:
+    """Each line a user turn; each answer printed as it is (it may span lines) or as one JSON line."""
+    for raw in stdin:
+        line = raw.strip()
+        if line == "/exit":
+            return
+        if line == "/reset":
+            session.reset()
+        elif line:
+            result = session.reply(line)
+            answer = result.text.strip()
+            if jsonl:
+                answer = json.dumps({"user": line, "assistant": answer, "finish_reason": result.finish_reason},
+                                    ensure_ascii=False)
+            stdout.write(answer + "\n")
+            stdout.flush()

@@ -1,0 +1,1 @@
+"""Evaluation: validation loss and zero-shot benchmarks scored as lm-evaluation-harness scores them."""

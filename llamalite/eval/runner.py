@@ -1,0 +1,229 @@
+"""Evaluations of a run: benchmarks in the training loop, and over every checkpoint of a run (`llamalite eval`).
+
+Each evaluation of one step is one record of the run's `evals.jsonl`:
+  {"step", "tokens", "time", "seconds", "source": "train" | "eval", "checkpoint", "limit",
+   "metrics": {"eval/<task>/<metric>": value, "val/loss": ..., ...}, "chance": {task: p}, "n": {task: examples}}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from llamalite.config import EvalConfig, config_from_dict
+from llamalite.data import DataError
+from llamalite.eval.harness import (
+    LogitsFn,
+    TaskResult,
+    example_requests,
+    flat_metrics,
+    score_requests,
+    task_metrics,
+    validation_metrics,
+)
+from llamalite.eval.tasks import Example, TaskSpec, load_examples, resolve_tasks, task_source
+from llamalite.tokenizer import Tokenizer
+from llamalite.train.checkpoint import CheckpointError, list_checkpoints, load_for_inference
+from llamalite.train.metrics import JsonlWriter, read_jsonl
+
+EVALS_FILE = "evals.jsonl"
+
+
+@dataclass
+class LoadedTask:
+    spec: TaskSpec
+    examples: list[Example]
+    requests: list[tuple[list[int], list[int]]]  # tokenized once, scored at every evaluation
+
+
+class BenchmarkSuite:
+    """The configured tasks, read and tokenized once, scored against any model that fits the tokenizer."""
+
+    def __init__(self, eval_cfg: EvalConfig, tokenizer: Tokenizer, task_names: Iterable[str] | None = None):
+        self.eval_cfg = eval_cfg
+        self.tokenizer = tokenizer
+        self.tasks = []
+        for spec in resolve_tasks(task_names if task_names is not None else eval_cfg.tasks):
+            examples = load_examples(spec, task_source(spec, eval_cfg.data_dir, eval_cfg.task_files), eval_cfg.limit)
+            self.tasks.append(LoadedTask(spec, examples, example_requests(tokenizer, examples)))
+
+    def run(self, logits_fn: LogitsFn, max_length: int, device: torch.device, autocast: Any = None) -> dict[str, TaskResult]:
+        results = {}
+        for task in self.tasks:
+            scores = score_requests(logits_fn, task.requests, max_length, self.eval_cfg.batch_size, device, autocast,
+                                    progress=task.spec.name)
+            results[task.spec.name] = task_metrics(task.spec, task.examples, scores)
+        return results
+
+
+def eval_record(
+    step: int, tokens: int, seconds: float, source: str, results: dict[str, TaskResult],
+    val: dict[str, float] | None = None, checkpoint: str | None = None, limit: int | None = None,
+) -> dict[str, Any]:
+    return {
+        "step": step, "tokens": tokens, "time": time.time(), "seconds": seconds, "source": source,
+        "checkpoint": checkpoint, "limit": limit,
+        "metrics": {**(val or {}), **flat_metrics(results)},
+        "chance": {name: r.chance for name, r in results.items()},
+        "n": {name: r.n for name, r in results.items()},
+    }
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+@dataclass
+class SweepOptions:
+    tasks: list[str]
+    limit: int | None = None
+    all_checkpoints: bool = False
+    val_loss: bool = True
+    batch_size: int = 32
+    data_dir: str | None = None
+    task_files: dict[str, str] = field(default_factory=dict)
+    device: str = "auto"
+    dtype: str = "fp32"
+
+
+def run_dir_of(checkpoint: Path) -> Path | None:
+    """The run directory a checkpoint belongs to (runs/<name>/checkpoints/step_X), or None for a lone checkpoint."""
+    run_dir = checkpoint.resolve().parent.parent
+    is_run = (run_dir / "config.yaml").exists() or (run_dir / "metrics.jsonl").exists()
+    return run_dir if checkpoint.resolve().parent.name == "checkpoints" and is_run else None
+
+
+def checkpoints_to_evaluate(target: Path, all_checkpoints: bool) -> list[Path]:
+    if (target / "trainer_state.json").is_file():
+        return [target]
+    found = list_checkpoints(target / "checkpoints")
+    if not found:
+        raise CheckpointError(f"{target} is neither a checkpoint nor a run directory with checkpoints: pass "
+                              "runs/<name> or runs/<name>/checkpoints/step_XXXXXXX")
+    return found if all_checkpoints else found[-1:]
+
+
+def already_done(records: list[dict[str, Any]], step: int, wanted: list[str], limit: int | None) -> bool:
+    """Whether evals.jsonl already holds every wanted metric of this step, measured with the same limit."""
+    have = set()
+    for record in records:
+        if record.get("step") == step and record.get("limit") == limit:
+            have.update(record.get("metrics", {}))
+    return all(name in have for name in wanted)
+
+
+def wanted_metric_names(specs: list[TaskSpec], val_loss: bool) -> list[str]:
+    names = [f"eval/{spec.name}/{metric}" for spec in specs for metric in spec.metrics]
+    return (["val/loss"] if val_loss else []) + names
+
+
+def evaluate_checkpoints(target: Path, options: SweepOptions) -> list[dict[str, Any]]:
+    """Evaluate the newest (or every) checkpoint of `target`, append to the run's evals.jsonl, return the records."""
+    from llamalite.train.step import autocast_context
+    from llamalite.train.trainer import resolve_device
+
+    checkpoints = checkpoints_to_evaluate(target, options.all_checkpoints)
+    run_dir = run_dir_of(checkpoints[0])
+    specs = resolve_tasks(options.tasks) if options.tasks else []
+    existing = read_jsonl(run_dir / EVALS_FILE) if run_dir else []
+    device = resolve_device(options.device)
+    autocast = autocast_context(device, options.dtype)
+    suite = None
+    writer = JsonlWriter(run_dir / EVALS_FILE) if run_dir else None
+    records = []
+    try:
+        for checkpoint in checkpoints:
+            step = int(json.loads((checkpoint / "trainer_state.json").read_text())["step"])
+            wanted = wanted_metric_names(specs, options.val_loss)
+            if run_dir and already_done(existing, step, wanted, options.limit):
+                print(f"{checkpoint.name}: already evaluated (in {run_dir / EVALS_FILE}), skipped", file=sys.stderr)
+                continue
+            loaded = load_for_inference(checkpoint)
+            if suite is None and specs:
+                eval_cfg = EvalConfig(tasks=options.tasks, data_dir=options.data_dir, task_files=options.task_files,
+                                      limit=options.limit, batch_size=options.batch_size)
+                suite = BenchmarkSuite(eval_cfg, loaded.tokenizer)
+            elif suite is not None and loaded.tokenizer.fingerprint != suite.tokenizer.fingerprint:
+                raise CheckpointError(f"{checkpoint} uses another tokenizer than the checkpoints before it: "
+                                      "evaluate checkpoints of one run at a time")
+            record = _evaluate_one(loaded, suite, options, device, autocast)
+            records.append(record)
+            if writer:
+                writer.write(record)
+            print(f"{checkpoint.name}: evaluated in {record['seconds']:.1f}s", file=sys.stderr)
+    finally:
+        if writer:
+            writer.close()
+    return records
+
+
+def _evaluate_one(loaded, suite: BenchmarkSuite | None, options: SweepOptions, device: torch.device, autocast) -> dict[str, Any]:
+    model = loaded.model.to(device)
+    started = time.perf_counter()
+    val = _checkpoint_validation(loaded, device, autocast) if options.val_loss else None
+    results = suite.run(model, model.config.max_seq_len, device, autocast) if suite else {}
+    seconds = time.perf_counter() - started
+    return eval_record(loaded.step, loaded.tokens_seen, seconds, "eval", results, val, loaded.path.name, options.limit)
+
+
+def _checkpoint_validation(loaded, device: torch.device, autocast) -> dict[str, float] | None:
+    """Val loss on the run's held-out split, with the run's fixed batches; None when the data is not here."""
+    from llamalite.data.loader import validation_batches
+
+    config = config_from_dict(loaded.state["config"])
+    data_dir = Path(config.data.out_dir)
+    if not (data_dir / "manifest.json").is_file():
+        print(f"{loaded.path.name}: no validation loss ({data_dir}/manifest.json not found)", file=sys.stderr)
+        return None
+    seq_len = config.train.seq_len or config.model.max_seq_len
+    try:
+        batches = validation_batches(data_dir, config.train.micro_batch_size, seq_len, config.train.val_batches)
+    except DataError as exc:
+        print(f"{loaded.path.name}: no validation loss ({exc})", file=sys.stderr)
+        return None
+    return validation_metrics(loaded.model, batches, loaded.tokenizer.token_byte_lengths(), device, autocast)
+
+
+def read_evals_for(target: Path, options: SweepOptions, computed: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What the table shows: every record of the run measured with the same limit, or what was just computed."""
+    checkpoints = checkpoints_to_evaluate(target, options.all_checkpoints)
+    run_dir = run_dir_of(checkpoints[0])
+    if run_dir is None:
+        return computed
+    return [r for r in read_jsonl(run_dir / EVALS_FILE) if r.get("limit") == options.limit]
+
+
+# ------------------------------------------------------------------------------------------------ the table
+def dynamics_table(records: list[dict[str, Any]]) -> str:
+    """One row per step (later records win per metric), one column per metric: the training-dynamics table."""
+    by_step: dict[int, dict[str, Any]] = {}
+    for record in sorted(records, key=lambda r: (r["step"], r.get("time", 0))):
+        row = by_step.setdefault(record["step"], {"tokens": record.get("tokens", 0), "metrics": {}})
+        row["metrics"].update({k: v for k, v in record.get("metrics", {}).items() if not k.endswith("_stderr")})
+    columns = sorted({name for row in by_step.values() for name in row["metrics"]}, key=_column_order)
+    if not by_step:
+        return "(no evaluations)"
+    header = ["step", "tokens"] + [_short(c) for c in columns]
+    lines = [header]
+    for step, row in sorted(by_step.items()):
+        lines.append([str(step), f"{row['tokens']:,}"] + [_fmt(row["metrics"].get(c)) for c in columns])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in lines)
+
+
+def _column_order(name: str) -> tuple[int, str]:
+    return (0 if name.startswith("val/") else 1, name)
+
+
+def _short(name: str) -> str:
+    return name.removeprefix("eval/")
+
+
+def _fmt(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.4f}" if abs(value) < 1000 else f"{value:,.1f}"

@@ -1,0 +1,252 @@
+"""Zero-shot benchmark definitions, read in their Hugging Face dataset schemas.
+
+Prompts, target delimiter, preprocessing and gold labels follow lm-evaluation-harness (0.4.x task YAMLs) exactly,
+so that scores are comparable with what the field reports:
+  hellaswag       "{activity_label}: {ctx_a} {ctx_b.capitalize()}" (bracket artifacts removed) -> " {ending}"
+  arc_easy/_challenge  "Question: {question}\\nAnswer:" -> " {choice}"
+  piqa            "Question: {goal}\\nAnswer:" -> " {sol}"
+  winogrande      partial scoring: "{sentence up to _}{option}" -> " {rest of the sentence}"
+  boolq           "{passage}\\nQuestion: {question}?\\nAnswer:" -> " no" | " yes"
+  openbookqa      "{question_stem}" -> " {choice}"
+  lambada_openai  "{text without its last word}" -> " {last word}" (loglikelihood task: accuracy and perplexity)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from llamalite.data import DataError
+
+MULTIPLE_CHOICE = "multiple_choice"
+LOGLIKELIHOOD = "loglikelihood"
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One benchmark item as (context, continuation) pairs, one pair per choice.
+
+    Most tasks share one context across choices; WinoGrande shares the continuation across contexts.
+    `choices` are the texts whose character lengths normalise acc_norm (lm-evaluation-harness's definition).
+    """
+
+    contexts: tuple[str, ...]
+    continuations: tuple[str, ...]
+    gold: int
+    choices: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    kind: str  # multiple_choice | loglikelihood
+    hub: tuple[str, str | None, str]  # dataset path, configuration, split: what lm-evaluation-harness evaluates
+    local_stems: tuple[str, ...]  # file names (without suffix) looked for in eval.data_dir, best first
+    fields: tuple[str, ...]  # fields every record must have
+    build: Callable[[dict[str, Any]], Example]
+    metrics: tuple[str, ...]
+
+
+# ------------------------------------------------------------------------------------------------ builders
+def _multiple_choice(context: str, choices: list[str], gold: int) -> Example:
+    choices = [str(c) for c in choices]
+    if not 0 <= gold < len(choices):
+        raise ValueError(f"gold answer {gold} is not one of {len(choices)} choices")
+    return Example((context,) * len(choices), tuple(" " + c for c in choices), gold, tuple(choices))
+
+
+def hellaswag_preprocess(text: str) -> str:
+    text = text.strip()
+    text = text.replace(" [title]", ". ")  # WikiHow artifacts, removed as lm-evaluation-harness does
+    text = re.sub("\\[.*?\\]", "", text)
+    return text.replace("  ", " ")
+
+
+def build_hellaswag(doc: dict[str, Any]) -> Example:
+    if doc.get("ctx_a") is not None and doc.get("ctx_b") is not None:
+        ctx = doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
+    else:  # extractions that kept only `ctx` (= ctx_a + " " + ctx_b)
+        ctx = doc["ctx"]
+    query = hellaswag_preprocess(doc["activity_label"] + ": " + ctx)
+    return _multiple_choice(query, [hellaswag_preprocess(e) for e in doc["endings"]], int(doc["label"]))
+
+
+def build_arc(doc: dict[str, Any]) -> Example:
+    choices = doc["choices"]
+    return _multiple_choice(f"Question: {doc['question']}\nAnswer:", choices["text"],
+                            list(choices["label"]).index(doc["answerKey"]))
+
+
+def build_piqa(doc: dict[str, Any]) -> Example:
+    return _multiple_choice(f"Question: {doc['goal']}\nAnswer:", [doc["sol1"], doc["sol2"]], int(doc["label"]))
+
+
+def build_winogrande(doc: dict[str, Any]) -> Example:
+    sentence = doc["sentence"]
+    blank = sentence.index("_")
+    contexts = tuple(sentence[:blank] + option for option in (doc["option1"], doc["option2"]))
+    continuation = " " + sentence[blank + 1:].strip()
+    gold = {"1": 0, "2": 1}[str(doc["answer"])]
+    return Example(contexts, (continuation,) * 2, gold, contexts)
+
+
+def build_boolq(doc: dict[str, Any]) -> Example:
+    label = doc["label"] if "label" in doc else doc["answer"]  # super_glue/boolq: label 0/1; google/boolq: answer bool
+    return _multiple_choice(f"{doc['passage']}\nQuestion: {doc['question']}?\nAnswer:", ["no", "yes"], int(label))
+
+
+def build_openbookqa(doc: dict[str, Any]) -> Example:
+    choices = doc["choices"]
+    return _multiple_choice(doc["question_stem"], choices["text"],
+                            list(choices["label"]).index(doc["answerKey"].lstrip()))
+
+
+def build_lambada(doc: dict[str, Any]) -> Example:
+    words = doc["text"].split(" ")
+    if len(words) < 2:
+        raise ValueError("text has no last word to predict")
+    continuation = " " + words[-1]
+    return Example((" ".join(words[:-1]),), (continuation,), 0, (continuation,))
+
+
+TASKS: dict[str, TaskSpec] = {
+    spec.name: spec
+    for spec in (
+        TaskSpec("hellaswag", MULTIPLE_CHOICE, ("Rowan/hellaswag", None, "validation"),
+                 ("hellaswag_validation", "hellaswag_val", "hellaswag"),
+                 ("activity_label", "endings", "label"), build_hellaswag, ("acc", "acc_norm")),
+        TaskSpec("arc_easy", MULTIPLE_CHOICE, ("allenai/ai2_arc", "ARC-Easy", "test"),
+                 ("arc_easy_test", "arc_easy"), ("question", "choices", "answerKey"), build_arc, ("acc", "acc_norm")),
+        TaskSpec("arc_challenge", MULTIPLE_CHOICE, ("allenai/ai2_arc", "ARC-Challenge", "test"),
+                 ("arc_challenge_test", "arc_challenge"), ("question", "choices", "answerKey"), build_arc,
+                 ("acc", "acc_norm")),
+        TaskSpec("piqa", MULTIPLE_CHOICE, ("baber/piqa", None, "validation"), ("piqa_validation", "piqa_valid", "piqa"),
+                 ("goal", "sol1", "sol2", "label"), build_piqa, ("acc", "acc_norm")),
+        TaskSpec("winogrande", MULTIPLE_CHOICE, ("allenai/winogrande", "winogrande_xl", "validation"),
+                 ("winogrande_validation", "winogrande_dev", "winogrande"),
+                 ("sentence", "option1", "option2", "answer"), build_winogrande, ("acc",)),
+        TaskSpec("boolq", MULTIPLE_CHOICE, ("aps/super_glue", "boolq", "validation"), ("boolq_validation", "boolq"),
+                 ("passage", "question"), build_boolq, ("acc",)),
+        TaskSpec("openbookqa", MULTIPLE_CHOICE, ("allenai/openbookqa", "main", "test"), ("openbookqa_test", "openbookqa"),
+                 ("question_stem", "choices", "answerKey"), build_openbookqa, ("acc", "acc_norm")),
+        TaskSpec("lambada_openai", LOGLIKELIHOOD, ("EleutherAI/lambada_openai", "default", "test"),
+                 ("lambada_openai_test", "lambada_openai"), ("text",), build_lambada, ("acc", "perplexity")),
+    )
+}
+
+
+def get_task(name: str) -> TaskSpec:
+    if name not in TASKS:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(TASKS), n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"choose from {', '.join(TASKS)}"
+        raise DataError(f"unknown evaluation task {name!r}: {hint}")
+    return TASKS[name]
+
+
+def resolve_tasks(names: Iterable[str]) -> list[TaskSpec]:
+    names = [n.strip() for n in names if n.strip()]
+    if not names:
+        raise DataError(f"no evaluation tasks named: pass --tasks (or eval.tasks) from {', '.join(TASKS)}")
+    return [get_task(n) for n in dict.fromkeys(names)]
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def find_task_file(spec: TaskSpec, data_dir: Path) -> Path | None:
+    """The local file for a task in data_dir (named as its Hugging Face split, e.g. hellaswag_val.jsonl), if any."""
+    for stem in spec.local_stems:
+        for suffix in LOCAL_SUFFIXES:
+            if (data_dir / f"{stem}{suffix}").is_file():
+                return data_dir / f"{stem}{suffix}"
+    return None
+
+
+def task_source(spec: TaskSpec, data_dir: str | None, task_files: dict[str, str]) -> Path | None:
+    """Where to read a task from: eval.task_files, else a file in eval.data_dir, else None (the hub)."""
+    if spec.name in task_files:
+        path = Path(task_files[spec.name])
+        if not path.is_file():
+            raise DataError(f"task file for {spec.name} not found: {path} (fix eval.task_files.{spec.name})")
+        return path
+    if data_dir is not None:
+        folder = Path(data_dir)
+        if not folder.is_dir():
+            raise DataError(f"eval.data_dir {folder} is not a folder: point it at the folder of task files")
+        found = find_task_file(spec, folder)
+        if found is None:
+            names = ", ".join(f"{stem}.jsonl" for stem in spec.local_stems[:2])
+            raise DataError(f"no file for task {spec.name} in {folder} (looked for {names}, .json, .parquet): "
+                            f"add it, or name it with eval.task_files.{spec.name}=PATH")
+        return found
+    return None
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """JSON Lines, a JSON array (or {"data": [...]}), or Parquet, as a list of records."""
+    name = path.name.lower()
+    if name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    text = path.read_text(encoding="utf-8")
+    if name.endswith(".json"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            data = None
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            data = data["data"]
+        if isinstance(data, list):
+            return data
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise DataError(f"{path} line {number} is not JSON: task files are JSON Lines, a JSON array "
+                                "or Parquet in the task's Hugging Face schema") from None
+    return records
+
+
+def read_hub(spec: TaskSpec) -> list[dict[str, Any]]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"task {spec.name} has no local file and `datasets` is not installed: set eval.data_dir to a "
+                        "folder of task files, or pip install 'llamalite[hf]'") from None
+    path, name, split = spec.hub
+    try:
+        return list(datasets.load_dataset(path, name, split=split))
+    except Exception as exc:  # network, missing split, unknown dataset: all end the same way for the user
+        raise DataError(f"could not load {path} ({name or 'default'}, split {split}) for task {spec.name}: "
+                        f"{str(exc).splitlines()[0]}; set eval.data_dir to a folder of local task files") from None
+
+
+def load_examples(spec: TaskSpec, path: Path | None, limit: int | None = None) -> list[Example]:
+    """The task's examples, in file order; with `limit`, the first `limit` (a fixed, deterministic subset)."""
+    records = read_records(path) if path is not None else read_hub(spec)
+    where = str(path) if path is not None else spec.hub[0]
+    if not records:
+        raise DataError(f"{where} holds no records for task {spec.name}")
+    if limit is not None:
+        records = records[:limit]
+    return [_build_example(spec, record, where, index) for index, record in enumerate(records)]
+
+
+def _build_example(spec: TaskSpec, record: Any, where: str, index: int) -> Example:
+    if not isinstance(record, dict):
+        raise DataError(f"{where} record {index} is not an object: expected the {spec.name} schema")
+    missing = [f for f in spec.fields if f not in record]
+    if missing:
+        raise DataError(f"{where} is not in the {spec.name} schema: record {index} lacks {', '.join(missing)} "
+                        f"(fields: {', '.join(spec.fields)}; it has {', '.join(map(str, record)) or 'none'})")
+    try:
+        return spec.build(record)
+    except (KeyError, ValueError, TypeError, IndexError, AttributeError) as exc:
+        raise DataError(f"{where} record {index} does not fit the {spec.name} schema ({type(exc).__name__}: {exc})") from None

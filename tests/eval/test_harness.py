@@ -1,0 +1,156 @@
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llamalite.config import EvalConfig
+from llamalite.eval.harness import encode_pair, mean_stderr, score_requests, task_metrics, validation_metrics
+from llamalite.eval.runner import BenchmarkSuite
+from llamalite.eval.tasks import TASKS, Example
+from llamalite.model.llama import Llama, ModelConfig
+from llamalite.tokenizer import Tokenizer
+from tests.conftest import SHARED_DATA
+from tests.eval.conftest import GPT2_DIR, random_gpt2_model
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    words = "the cat sat on a mat and the dog ran to it".split()
+    rng = random.Random(0)
+    return Tokenizer.train([" ".join(rng.choice(words) for _ in range(50)) for _ in range(40)], vocab_size=300)
+
+
+def small_model(max_seq_len: int = 24) -> Llama:
+    torch.manual_seed(0)
+    return Llama(ModelConfig(vocab_size=320, n_layer=2, d_model=32, n_head=4, n_kv_head=2, ffn_hidden=64,
+                             max_seq_len=max_seq_len, init_std=0.3)).eval()
+
+
+def test_trailing_spaces_move_to_the_continuation_and_the_split_comes_from_the_whole(tokenizer):
+    context, continuation = encode_pair(tokenizer, "the cat ", "sat")
+    assert context == tokenizer.encode("the cat") and context + continuation == tokenizer.encode("the cat sat")
+
+
+def test_an_empty_context_is_the_end_of_text_token(tokenizer):
+    context, continuation = encode_pair(tokenizer, "", " the dog")
+    assert context == [tokenizer.eos_id] and continuation == tokenizer.encode(" the dog")
+
+
+def naive_scores(model, requests, max_length):
+    """One request at a time, full logits, no padding: the definition the batched scorer must equal."""
+    out = []
+    for context, continuation in requests:
+        window = (context + continuation)[-(max_length + 1):]
+        with torch.no_grad():
+            log_probs = F.log_softmax(model(torch.tensor([window[:-1]]))[0].float(), dim=-1)
+        tail = log_probs[-len(continuation):]
+        targets = torch.tensor(continuation)
+        out.append((float(tail.gather(-1, targets[:, None]).sum()), bool((tail.argmax(-1) == targets).all())))
+    return out
+
+
+def random_requests(count: int, seed: int = 0):
+    rng = random.Random(seed)
+    return [([rng.randrange(300) for _ in range(rng.randint(1, 30))], [rng.randrange(300) for _ in range(rng.randint(1, 6))])
+            for _ in range(count)]
+
+
+@pytest.mark.parametrize("batch_size", [1, 5, 64])
+def test_batched_scores_equal_one_at_a_time_with_left_truncation(batch_size):
+    model, requests = small_model(), random_requests(40)  # contexts up to 30 tokens: many exceed the 24-token window
+    expected = naive_scores(model, requests, 24)
+    got = score_requests(model, requests, 24, batch_size, CPU)
+    for (ll, greedy), (want_ll, want_greedy) in zip(got, expected):
+        assert ll == pytest.approx(want_ll, abs=1e-4) and greedy == want_greedy
+
+
+def test_greedy_is_true_when_the_continuation_is_the_argmax():
+    model = small_model()
+    context = [5, 9, 17]
+    with torch.no_grad():
+        best = int(model(torch.tensor([context]))[0, -1].argmax())
+    (_, greedy), (_, other) = score_requests(model, [(context, [best]), (context, [(best + 1) % 300])], 24, 8, CPU)
+    assert greedy and not other
+
+
+def test_scoring_works_on_a_compiled_model():
+    model, requests = small_model(), random_requests(12, seed=3)
+    compiled = torch.compile(model, dynamic=True)
+    plain = score_requests(model, requests, 24, 4, CPU)
+    got = score_requests(compiled, requests, 24, 4, CPU)
+    assert [g for _, g in got] == [g for _, g in plain]
+    assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in plain], abs=1e-4)
+
+
+def test_acc_norm_divides_by_characters_and_can_disagree_with_acc():
+    spec = TASKS["piqa"]
+    example = Example(("q",) * 2, (" ab", " abcdefgh"), 1, ("ab", "abcdefgh"))
+    result = task_metrics(spec, [example], [(-3.0, False), (-4.0, False)])  # per char: -1.5 vs -0.5
+    assert result.metrics["acc"] == 0.0 and result.metrics["acc_norm"] == 1.0 and result.chance == 0.5
+
+
+def test_stderr_is_the_sample_standard_error_and_lambada_reports_perplexity():
+    assert mean_stderr([1.0, 0.0, 1.0, 0.0]) == pytest.approx(math.sqrt(1 / 3) / 2)
+    spec = TASKS["lambada_openai"]
+    examples = [Example(("a",), (" b",), 0, (" b",))] * 2
+    result = task_metrics(spec, examples, [(-1.0, True), (-3.0, False)])
+    assert result.metrics["acc"] == 0.5 and result.metrics["perplexity"] == pytest.approx(math.exp(2.0))
+
+
+def test_validation_metrics_loss_perplexity_and_bits_per_byte(tokenizer):
+    model = small_model()
+    tokens = torch.tensor([tokenizer.encode(" the cat sat on a mat and the dog ran to it the cat")[:17]] * 2)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    metrics = validation_metrics(model, [(inputs, targets)], tokenizer.token_byte_lengths(), CPU)
+    with torch.no_grad():
+        loss = float(F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten()))
+    text_bytes = 2 * len(tokenizer.decode(targets[0].tolist()).encode("utf-8"))
+    assert metrics["val/loss"] == pytest.approx(loss, rel=1e-5)
+    assert metrics["val/perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
+    assert metrics["val/bits_per_byte"] == pytest.approx(loss * targets.numel() / math.log(2) / text_bytes, rel=1e-5)
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "eval").is_dir(), reason="../shared/data not present")
+def test_a_random_model_scores_near_chance_on_every_task():
+    model = random_gpt2_model()
+    suite = BenchmarkSuite(EvalConfig(tasks=list(TASKS), data_dir=str(SHARED_DATA / "eval"), limit=150),
+                           Tokenizer.load(GPT2_DIR))
+    results = suite.run(model, model.config.max_seq_len, CPU)
+    for name, result in results.items():
+        # BoolQ's answers are 62% "yes": a model that always prefers one answer lands 0.12 from 0.5.
+        assert abs(result.metrics["acc"] - result.chance) < 0.15, (name, result.metrics, result.chance)
+    assert results["lambada_openai"].metrics["perplexity"] > 1000
+
+
+def _score_on_rank(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model, rows_scored = small_model(), []
+
+        def counting_model(tokens, **kwargs):
+            rows_scored.append(tokens.shape[0])
+            return model(tokens, **kwargs)
+
+        scores = score_requests(counting_model, random_requests(30, seed=7), 24, 4, CPU)
+        torch.save((scores, sum(rows_scored)), f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_score_shares_and_all_receive_every_score(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_score_on_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    expected = score_requests(small_model(), random_requests(30, seed=7), 24, 4, CPU)
+    for rank in range(2):
+        got, scored = torch.load(tmp_path / f"rank{rank}.pt")
+        assert scored == 15  # its share only
+        assert [g for _, g in got] == [g for _, g in expected]
+        assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in expected], abs=1e-4)

@@ -1,0 +1,258 @@
+import dataclasses
+
+import pytest
+import torch
+
+from llamalite.cli import main
+from llamalite.generate import (
+    CachedDecoder,
+    RecomputeDecoder,
+    SamplingOptions,
+    TextStream,
+    filter_logits,
+    generate,
+    generate_ids,
+    iter_generate,
+    pick_tokens,
+    sample,
+)
+from llamalite.model.llama import Llama, ModelConfig
+from llamalite.tokenizer import Tokenizer
+from llamalite.train.trainer import Trainer
+from tests.conftest import small_config, synthetic_documents
+
+GREEDY = dict(temperature=0.0)
+
+
+def model_config(vocab_size: int, **overrides) -> ModelConfig:
+    base = ModelConfig(vocab_size=vocab_size, n_layer=2, d_model=32, n_head=4, n_kv_head=2, ffn_hidden=64, max_seq_len=32)
+    return dataclasses.replace(base, **overrides)
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return Tokenizer.train(synthetic_documents(10), vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer) -> Llama:
+    torch.manual_seed(0)
+    return Llama(model_config(tokenizer.padded_vocab_size(64))).eval()
+
+
+def random_prompts(lengths, vocab=97, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, vocab, (n,), generator=generator).tolist() for n in lengths]
+
+
+# ---------------------------------------------------------------------------------------- cache == recompute
+@torch.no_grad()
+def test_batched_cached_logits_equal_each_prompt_run_alone_at_every_step():
+    """Left-padded rows of different lengths: every decode step's logits equal that row's full recompute."""
+    torch.manual_seed(0)
+    model = Llama(model_config(97)).eval()
+    prompts = random_prompts([3, 9, 6])
+    continuation = random_prompts([8, 8, 8], seed=1)
+    batched = CachedDecoder(model, prompts, new_positions=8)
+    logits = batched.prefill()
+    for step in range(9):
+        for row, prompt in enumerate(prompts):
+            sequence = prompt + continuation[row][:step]
+            alone = model(torch.tensor([sequence]))[0, -1]
+            torch.testing.assert_close(logits[row], alone, rtol=1e-5, atol=1e-5)
+        if step < 8:
+            logits = batched.step(torch.tensor([c[step] for c in continuation]))
+
+
+@torch.no_grad()
+def test_batched_recompute_decoder_equals_each_prompt_run_alone():
+    torch.manual_seed(0)
+    model = Llama(model_config(97)).eval()
+    prompts = random_prompts([2, 7])
+    logits = RecomputeDecoder(model, prompts, window=32).prefill()
+    for row, prompt in enumerate(prompts):
+        torch.testing.assert_close(logits[row], model(torch.tensor([prompt]))[0, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_greedy_cached_equals_greedy_recompute_tokens():
+    torch.manual_seed(0)
+    model = Llama(model_config(97, max_seq_len=64)).eval()
+    prompts = random_prompts([4, 11, 1])
+    options = SamplingOptions(max_new_tokens=20, **GREEDY)
+    cached = generate_ids(model, prompts, options, use_cache=True)
+    recomputed = generate_ids(model, prompts, options, use_cache=False)
+    assert [r.tokens for r in cached] == [r.tokens for r in recomputed]
+    alone = [generate_ids(model, [p], options)[0].tokens for p in prompts]
+    assert [r.tokens for r in cached] == alone
+    assert all(len(r.tokens) == 20 and r.finish_reason == "length" for r in cached)
+
+
+# ---------------------------------------------------------------------------------------- sampling filters
+def test_top_k_keeps_the_k_most_likely():
+    logits = torch.log(torch.tensor([[0.1, 0.4, 0.2, 0.3]]))
+    kept = torch.isfinite(filter_logits(logits, top_k=2))
+    assert kept.tolist() == [[False, True, False, True]]
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    logits = torch.log(torch.tensor([[0.05, 0.5, 0.15, 0.3]]))
+    def kept(p):
+        return torch.isfinite(filter_logits(logits, top_p=p)).tolist()[0]
+    assert kept(0.4) == [False, True, False, False]
+    assert kept(0.75) == [False, True, False, True]
+    assert kept(0.85) == [False, True, True, True]
+    assert kept(1.0) == [True, True, True, True]
+
+
+def test_sampling_follows_the_filtered_distribution_and_is_seedable():
+    logits = torch.log(torch.tensor([0.05, 0.5, 0.15, 0.3])).expand(4000, 4)
+    draws = pick_tokens(logits, 1.0, top_p=0.75, generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(draws, minlength=4).float() / 4000
+    assert counts[0] == counts[2] == 0
+    assert abs(counts[1] - 0.5 / 0.8) < 0.03 and abs(counts[3] - 0.3 / 0.8) < 0.03
+    again = pick_tokens(logits, 1.0, top_p=0.75, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(draws, again)
+    assert pick_tokens(logits[:1], 0.0).tolist() == [1]
+
+
+def test_invalid_options_are_errors(model):
+    for bad in (dict(top_p=0.0), dict(temperature=-1.0), dict(max_new_tokens=-1), dict(stop=("",))):
+        with pytest.raises(ValueError):
+            generate_ids(model, [[1]], SamplingOptions(**bad))
+
+
+# ---------------------------------------------------------------------------------------- stops and limits
+def test_eos_stops_a_row_and_is_kept_in_its_tokens(model):
+    prompts = random_prompts([5, 3])
+    free = generate_ids(model, prompts, SamplingOptions(max_new_tokens=6, **GREEDY))
+    eos = free[0].tokens[2]
+    stopped = generate_ids(model, prompts, SamplingOptions(max_new_tokens=6, **GREEDY), eos_id=eos)
+    first = free[0].tokens.index(eos)
+    assert stopped[0].tokens == free[0].tokens[:first + 1] and stopped[0].finish_reason == "eos"
+    if eos not in free[1].tokens:  # the other row runs on, unaffected
+        assert stopped[1].tokens == free[1].tokens and stopped[1].finish_reason == "length"
+
+
+def test_stop_string_cuts_the_text_and_streaming_never_shows_it(model, tokenizer):
+    prompt = "the king and the queen"
+    free = generate(model, tokenizer, [prompt], SamplingOptions(max_new_tokens=24, **GREEDY))[0]
+    assert len(free.text) > 6
+    stop = free.text[3:6]
+    pieces = []
+    result = generate(model, tokenizer, [prompt], SamplingOptions(max_new_tokens=24, stop=(stop,), **GREEDY),
+                      on_text=lambda row, piece: pieces.append(piece))[0]
+    cut = free.text.index(stop)
+    assert result.finish_reason == "stop" and result.text == free.text[:cut]
+    assert "".join(pieces) == result.text
+
+
+def test_max_new_tokens_and_context_limit(model, tokenizer):
+    prompt = random_prompts([10])[0]
+    result = generate_ids(model, [prompt], SamplingOptions(max_new_tokens=5, **GREEDY))[0]
+    assert len(result.tokens) == 5 and result.finish_reason == "length"
+    # max_seq_len is 32: a 10-token prompt leaves room for 22 new tokens.
+    result = generate_ids(model, [prompt], SamplingOptions(max_new_tokens=100, **GREEDY))[0]
+    assert len(result.tokens) == 22 and result.finish_reason == "context"
+    assert generate_ids(model, [prompt], SamplingOptions(max_new_tokens=0))[0].finish_reason == "length"
+
+
+def test_a_prompt_longer_than_the_context_is_truncated_from_the_left_with_a_warning(model):
+    prompt = random_prompts([40])[0]
+    with pytest.warns(UserWarning, match="truncated from the left"):
+        result = generate_ids(model, [prompt], SamplingOptions(max_new_tokens=4, **GREEDY))[0]
+    assert result.prompt_tokens == prompt[-31:] and result.prompt_truncated == 9
+    assert len(result.tokens) == 1 and result.finish_reason == "context"
+
+
+def test_rows_of_a_batch_stop_independently(model):
+    prompts = random_prompts([30, 4])
+    results = generate_ids(model, prompts, SamplingOptions(max_new_tokens=10, **GREEDY))
+    assert [len(r.tokens) for r in results] == [2, 10]
+    assert [r.finish_reason for r in results] == ["context", "length"]
+
+
+def old_sample(model, prompt, max_new_tokens):
+    """The pre-cache implementation (greedy): recompute the last max_seq_len tokens at every step."""
+    tokens = torch.tensor([prompt])
+    new = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            token = int(model(tokens[:, -model.config.max_seq_len:])[0, -1].argmax())
+            new.append(token)
+            tokens = torch.cat([tokens, torch.tensor([[token]])], dim=1)
+    return new
+
+
+def test_sample_keeps_its_sliding_window_semantics(model):
+    """sample() generates past the context (the trainer relies on it) exactly as the recompute loop did."""
+    for prompt in random_prompts([5, 32, 40]):
+        assert sample(model, prompt, 40, temperature=0.0, top_k=None) == old_sample(model, prompt, 40)
+    tokens = sample(model, [1, 2], 3, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert len(tokens) == 3
+
+
+# ---------------------------------------------------------------------------------------- text streaming
+def test_stream_decodes_multibyte_characters_whole(tokenizer):
+    text = " café – naïve 日本 ok"
+    ids = tokenizer.encode(text)
+    assert len(ids) > len(text.split())  # non-ASCII characters are split across byte tokens
+    stream = TextStream(tokenizer, stop=())
+    pieces = [stream.push(token)[0] for token in ids] + [stream.flush()]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in piece for piece in pieces)
+
+
+def test_stream_holds_back_a_possible_stop_string_prefix(tokenizer):
+    stream = TextStream(tokenizer, stop=("\nUser:",))
+    shown = ""
+    for token in tokenizer.encode("hi there\nUs"):
+        piece, stopped = stream.push(token)
+        shown += piece
+        assert not stopped
+    assert shown == "hi there"  # "\nUs" might start the stop string
+    for token in tokenizer.encode("x"):
+        shown += stream.push(token)[0]
+    assert shown == "hi there\nUsx"  # it did not
+
+
+def test_iter_generate_yields_pieces_then_the_result(model, tokenizer):
+    events = list(iter_generate(model, tokenizer, ["the king", ""], SamplingOptions(max_new_tokens=8, **GREEDY)))
+    done = {e.row: e.done for e in events if e.done is not None}
+    assert set(done) == {0, 1}
+    for row in (0, 1):
+        assert "".join(e.text for e in events if e.row == row) == done[row].text
+    assert done[1].prompt_tokens == [tokenizer.eos_id]  # an empty prompt starts at a document boundary
+
+
+# ---------------------------------------------------------------------------------------- CLI
+@pytest.fixture(scope="module")
+def trained_run(corpus_dir, prepared_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("generate") / "run"
+    Trainer(small_config(corpus_dir, prepared_dir, run_dir)).fit()
+    return run_dir
+
+
+def test_cli_generate_streams_one_prompt(trained_run, capsys):
+    assert main(["generate", str(trained_run), "--prompt", "the king", "--greedy", "--max-new-tokens", "6"]) == 0
+    out, err = capsys.readouterr()
+    from llamalite.train.checkpoint import load_for_inference
+
+    loaded = load_for_inference(trained_run)
+    expected = generate(loaded.model, loaded.tokenizer, ["the king"], SamplingOptions(max_new_tokens=6, **GREEDY))[0]
+    assert out == "the king" + expected.text + "\n"
+    assert f"finished by {expected.finish_reason}: {len(expected.tokens)} new tokens" in err
+
+
+def test_cli_generate_batches_several_prompts_in_order(trained_run, capsys):
+    args = ["generate", str(trained_run), "--prompt", "the king", "--prompt", "a", "--temperature", "0.9",
+            "--top-p", "0.9", "--seed", "3", "--max-new-tokens", "5"]
+    assert main(args) == 0
+    first = capsys.readouterr()
+    assert first.out.startswith("=== 1/2 ===\nthe king") and "=== 2/2 ===\na" in first.out
+    assert main(args) == 0
+    assert capsys.readouterr().out == first.out  # seeded
+
+
+def test_cli_generate_reports_a_missing_checkpoint(tmp_path, capsys):
+    assert main(["generate", str(tmp_path), "--prompt", "x"]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
