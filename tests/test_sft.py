@@ -170,6 +170,8 @@ def test_sft_and_merge_commands(toy_setup, tmp_path):
     config_file = tmp_path / "sft.yaml"
     save_config(sft_config(base, data, tmp_path / "run", max_steps=2, eval_interval=0), config_file)
     assert main(["sft", str(config_file)]) == 0
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "hf")]) == 2  # LoRA weights: merge first
     assert main(["merge", str(tmp_path / "run"), str(tmp_path / "merged")]) == 0
     assert load_for_inference(tmp_path / "merged").model.config.n_layer == 2
+    assert main(["export", str(tmp_path / "merged"), str(tmp_path / "hf")]) == 0
     assert main(["sft", str(config_file), "sft.template=chatm"]) == 2  # unknown template: a one-line error

@@ -186,21 +186,6 @@ def task_metrics(spec: TaskSpec, examples: Sequence[Example], scores: Sequence[t
     return TaskResult(spec.name, len(examples), metrics, chance)
 
 
-def evaluate_task(
-    logits_fn: LogitsFn,
-    tokenizer: Tokenizer,
-    spec: TaskSpec,
-    examples: Sequence[Example],
-    max_length: int,
-    batch_size: int,
-    device: torch.device,
-    autocast: Any = None,
-) -> TaskResult:
-    requests = example_requests(tokenizer, examples)
-    scores = score_requests(logits_fn, requests, max_length, batch_size, device, autocast, progress=spec.name)
-    return task_metrics(spec, examples, scores)
-
-
 # ------------------------------------------------------------------------------------------------ validation
 @torch.inference_mode()
 def validation_metrics(

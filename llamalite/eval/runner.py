@@ -30,7 +30,7 @@ from llamalite.eval.harness import (
 )
 from llamalite.eval.tasks import Example, TaskSpec, load_examples, resolve_tasks, task_source
 from llamalite.tokenizer import Tokenizer
-from llamalite.train.checkpoint import CheckpointError, list_checkpoints, load_for_inference
+from llamalite.train.checkpoint import CheckpointError, InferenceModel, list_checkpoints, load_for_inference
 from llamalite.train.metrics import JsonlWriter, read_jsonl
 
 EVALS_FILE = "evals.jsonl"
@@ -161,7 +161,8 @@ def evaluate_checkpoints(target: Path, options: SweepOptions) -> list[dict[str, 
     return records
 
 
-def _evaluate_one(loaded, suite: BenchmarkSuite | None, options: SweepOptions, device: torch.device, autocast) -> dict[str, Any]:
+def _evaluate_one(loaded: InferenceModel, suite: BenchmarkSuite | None, options: SweepOptions, device: torch.device,
+                  autocast: Any) -> dict[str, Any]:
     model = loaded.model.to(device)
     started = time.perf_counter()
     val = _checkpoint_validation(loaded, device, autocast) if options.val_loss else None
@@ -170,7 +171,7 @@ def _evaluate_one(loaded, suite: BenchmarkSuite | None, options: SweepOptions, d
     return eval_record(loaded.step, loaded.tokens_seen, seconds, "eval", results, val, loaded.path.name, options.limit)
 
 
-def _checkpoint_validation(loaded, device: torch.device, autocast) -> dict[str, float] | None:
+def _checkpoint_validation(loaded: InferenceModel, device: torch.device, autocast: Any) -> dict[str, float] | None:
     """Val loss on the run's held-out split, with the run's fixed batches; None when the data is not here."""
     from llamalite.data.loader import validation_batches
 

@@ -344,9 +344,6 @@ class Trainer:
         return validation_metrics(self.model, self.val_batches, self.token_byte_lengths, self.device,
                                   autocast_context(self.device, self.train_cfg.dtype))
 
-    def validation_loss(self) -> float:
-        return self.validation_metrics()["val/loss"]
-
     def generate_samples(self) -> list[dict[str, Any]]:
         self.model.eval()
         generator = torch.Generator().manual_seed(self.train_cfg.seed)  # never touches the training RNG

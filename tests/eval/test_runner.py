@@ -88,6 +88,8 @@ def test_cli_eval_errors_are_one_line(trained_run, tmp_path, capsys):
     assert "did you mean 'hellaswag'" in capsys.readouterr().err
     assert main(["eval", str(tmp_path), "--tasks", "piqa"]) == 2
     assert "neither a checkpoint nor a run directory" in capsys.readouterr().err
+    assert main(["eval", str(run_dir), "--tasks", "piqa", "--task-file", str(bad)]) == 2
+    assert "must look like TASK=PATH" in capsys.readouterr().err
 
 
 def test_a_checkpoint_whose_tokenizer_changed_is_refused(trained_run, tmp_path):

@@ -107,3 +107,14 @@ def test_every_shared_file_loads(task):
     examples = load_examples(spec, task_source(spec, str(SHARED_DATA / "eval"), {}))
     assert len(examples) >= 500
     assert all(0 <= e.gold < len(e.choices) for e in examples)
+
+
+def test_a_hub_dataset_that_cannot_be_loaded_says_how_to_use_local_files(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network\nmore detail")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataError, match=r"could not load Rowan/hellaswag .*no network; set eval.data_dir"):
+        load_examples(TASKS["hellaswag"], None)
