@@ -5,8 +5,11 @@ BIN := $(VENV)/bin
 # glibc hands large freed blocks back to the OS, and every step then page-faults its activations back in;
 # keeping them (see DESIGN.md, performance notes) makes CPU training markedly faster.
 CPU_MALLOC := MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184
+# The demo fine-tunes on Alpaca records when the shared data folder is beside the checkout, else on lines of the plays.
+ALPACA := ../shared/data/sft/alpaca_5000.json
+DEMO_ARGS := $(if $(wildcard $(ALPACA)),--alpaca $(ALPACA))
 
-.PHONY: demo test install install-dev clean
+.PHONY: demo test lint install install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,10 +27,15 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 demo: $(VENV)/.installed
-	$(CPU_MALLOC) $(BIN)/llamalite demo
+	$(CPU_MALLOC) $(BIN)/llamalite demo $(DEMO_ARGS)
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest
+
+# ruff (style, import order) and import-linter (the layers of DESIGN.md; the test suite runs them too).
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports --no-logo
 
 clean:
 	rm -rf $(VENV) runs/demo runs/demo-sft data/demo

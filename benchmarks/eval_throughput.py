@@ -20,12 +20,12 @@ import torch.nn.functional as F
 
 from llamalite.config import EvalConfig
 from llamalite.eval.harness import score_requests
-from llamalite.eval.runner import BenchmarkSuite
+from llamalite.eval.suite import BenchmarkSuite
 from llamalite.eval.tasks import Example
 from llamalite.model.llama import Llama
 from llamalite.model.presets import get_preset
+from llamalite.runtime import autocast_context
 from llamalite.tokenizer import Tokenizer
-from llamalite.train.step import autocast_context
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -92,13 +92,15 @@ def main() -> None:
 
     n = len(task.examples)
     seed_rate, ours_rate = n / seed_seconds, n / ours_seconds
-    rows = [("one example per forward (seed code)", seed_rate), (f"llamalite batched ({args.batch_size} rows)", ours_rate)]
+    rows = [("one example per forward (seed code)", seed_rate),
+            (f"llamalite batched ({args.batch_size} rows)", ours_rate)]
     print(f"| {'scoring':<36} | {'examples/s':>10} | {'vs seed code':>12} |")
     print(f"|{'-' * 38}|{'-' * 11}:|{'-' * 13}:|")
     for name, rate in rows:
         print(f"| {name:<36} | {rate:>10.1f} | {rate / seed_rate:>11.2f}x |")
     seed_acc_norm = sum(p == e.gold for p, e in zip(seed_predictions, task.examples)) / n
-    print(f"\nacc_norm: llamalite {results['hellaswag'].metrics['acc_norm']:.4f} (per character, lm-evaluation-harness); "
+    print(f"\nacc_norm: llamalite {results['hellaswag'].metrics['acc_norm']:.4f} "
+          "(per character, lm-evaluation-harness); "
           f"seed code {seed_acc_norm:.4f} (per token)")
 
 

@@ -82,7 +82,8 @@ def run_preset(name: str, prompt_len: int, new_tokens: int, skip_recompute: bool
     """Each path `repeats` times, round robin (so a change in the machine's load hits every path); the median counts."""
     torch.manual_seed(0)
     model = Llama(benchmark_config(name, prompt_len, new_tokens)).eval()
-    prompt = torch.randint(0, model.config.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
+    prompt = torch.randint(0, model.config.vocab_size, (prompt_len,),
+                           generator=torch.Generator().manual_seed(0)).tolist()
     variants = {"transformers generate()": transformers_generate(hf_model(model)),
                 "llamalite KV cache": ours(model, use_cache=True)}
     if not skip_recompute:
@@ -133,7 +134,8 @@ def main() -> None:
         hf_tps, recompute_tps = by_label["transformers generate()"], by_label.get("llamalite recompute")
         for label, tps, agree in rows:
             vs_recompute = f"{tps / recompute_tps:.2f}x" if recompute_tps else "-"
-            print(f"| {name} | {label} | {tps:,.1f} | {vs_recompute} | {tps / hf_tps:.2f}x | {agree}/{args.new_tokens} |")
+            print(f"| {name} | {label} | {tps:,.1f} | {vs_recompute} | {tps / hf_tps:.2f}x "
+                  f"| {agree}/{args.new_tokens} |")
 
 
 if __name__ == "__main__":

@@ -23,9 +23,10 @@ import torch
 
 from llamalite.model.llama import Llama
 from llamalite.model.presets import count_parameters, get_preset, training_flops_per_token
+from llamalite.runtime import autocast_context
 from llamalite.train.distributed import apply_activation_checkpointing
 from llamalite.train.metrics import device_peak_flops
-from llamalite.train.step import LanguageModelLoss, autocast_context
+from llamalite.train.step import LanguageModelLoss
 
 SEQ_LEN = 1024
 
@@ -122,7 +123,8 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first, compilation included (default: 2)")
     parser.add_argument("--loss-chunk-tokens", type=int, default=4096, help="0: logits in one piece (default: 4096)")
     parser.add_argument("--activation-checkpointing", default="none", choices=["none", "block", "selective"])
-    parser.add_argument("--peak-flops", type=float, default=None, help="device dense bf16 peak FLOP/s, if not in the table")
+    parser.add_argument("--peak-flops", type=float, default=None,
+                        help="device dense bf16 peak FLOP/s, if not in the table")
     args = parser.parse_args()
 
     if not torch.cuda.is_available():
@@ -175,7 +177,8 @@ def main() -> int:
             print(f"| {mode} | {micro_batch} | failed | | | |")
             continue
         mfu = f"{r['tokens_per_s'] * flops_per_token / peak:.1%}" if peak else "n/a (unknown device)"
-        print(f"| {mode} | {micro_batch} | {r['tokens_per_s']:,.0f} | {mfu} | {r['peak_gib']:.1f} | {r['warmup_s']:.0f} |")
+        print(f"| {mode} | {micro_batch} | {r['tokens_per_s']:,.0f} | {mfu} | {r['peak_gib']:.1f} "
+              f"| {r['warmup_s']:.0f} |")
     return 0
 
 

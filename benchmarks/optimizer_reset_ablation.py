@@ -20,7 +20,7 @@ from pathlib import Path
 
 from llamalite.config import load_config
 from llamalite.data.prepare import prepare
-from llamalite.train.metrics import read_jsonl
+from llamalite.files import read_jsonl
 from llamalite.train.trainer import Trainer
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"

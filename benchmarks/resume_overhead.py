@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from llamalite.train.metrics import read_jsonl
+from llamalite.files import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["train.eval_interval=0", "train.sample_interval=0", "train.log_interval=1", "train.save_interval=0",
@@ -36,7 +36,8 @@ def seconds_to_step(run_dir: Path, data_dir: str, step: int, stop_at: int) -> fl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--trials", type=int, default=3)
-    parser.add_argument("--data", default="data/demo", help="prepared demo corpus (`llamalite prepare configs/demo.yaml`)")
+    parser.add_argument("--data", default="data/demo",
+                        help="prepared demo corpus (`llamalite prepare configs/demo.yaml`)")
     args = parser.parse_args()
     fresh, resumed = [], []
     for trial in range(args.trials):

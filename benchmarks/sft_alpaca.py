@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from llamalite.config import load_config
+from llamalite.runtime import autocast_context
 from llamalite.sft import SFTTrainer, answer_prompts
-from llamalite.train.step import autocast_context
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +45,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=50, help="held-out instructions answered greedily (default: 50)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--run-dir", default=None, help="default: a temporary directory")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's); 1 on a busy machine")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's); 1 on a busy machine")
     args = parser.parse_args()
     run_dir = args.run_dir or str(Path(tempfile.mkdtemp(prefix="sft_alpaca_")) / "run")
     config = load_config(ROOT / "configs" / "sft-demo.yaml", [
@@ -77,7 +78,8 @@ def main() -> None:
     print(f"| greedy answers ending with EOS within {args.max_new_tokens} tokens ({len(questions)} held-out prompts) "
           f"| {eos_before:.0%} | {eos_after:.0%} |")
     print(f"| mean new tokens per answer | {length_before:.1f} | {length_after:.1f} |")
-    print(f"\nfirst held-out prompt: {questions[0]!r}\n  before: {sample_before[:200]!r}\n  after:  {sample_after[:200]!r}")
+    print(f"\nfirst held-out prompt: {questions[0]!r}\n  before: {sample_before[:200]!r}"
+          f"\n  after:  {sample_after[:200]!r}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ import torch
 
 from llamalite.model.llama import Llama, ModelConfig
 from llamalite.model.presets import get_preset
-from llamalite.train.step import autocast_context, build_loss_fn, lm_loss
+from llamalite.runtime import autocast_context
+from llamalite.train.step import build_loss_fn, lm_loss
 
 # (micro batch, sequence length, timed steps) per preset: sized so the whole table takes minutes on 2 cores.
 SHAPES = {"tiny": (16, 256, 10), "124m": (4, 512, 3)}

@@ -1,4 +1,5 @@
-"""`llamalite chat`: a terminal chat with a checkpoint, in the chat template it was fine-tuned with.
+"""`llamalite chat`: a terminal chat with a checkpoint, in the chat template it was fine-tuned with; and
+`llamalite generate`: continuations of prompts, streamed. Both take a loaded checkpoint (the CLI loads it).
 
 Interactive on a terminal (streamed answers, `/reset` forgets the history, `/exit` or Ctrl-D quits);
 when stdin is not a terminal every line is a user turn and each answer is printed on its own line, for scripts.
@@ -11,16 +12,19 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 import warnings
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 import torch
 
-from llamalite.config import ChatTemplate, ConfigError, config_from_dict
+from llamalite.checkpoint.inference import InferenceModel
+from llamalite.config import ChatTemplate, config_from_dict
 from llamalite.data.sft import encode_prompt, get_template, stop_strings, template_from_config
-from llamalite.generate import Generation, SamplingOptions, iter_generate_ids
+from llamalite.errors import ConfigError
+from llamalite.generate import Generation, SamplingOptions, generate, iter_generate_ids
+from llamalite.runtime import seeded_generator
 from llamalite.tokenizer import Tokenizer
 
 DEFAULT_TEMPLATE = "plain"
@@ -99,13 +103,10 @@ class ChatSession:
         return result
 
 
-def run_chat(checkpoint: Path, template: str | None, options: SamplingOptions, seed: int | None = None,
+def run_chat(loaded: InferenceModel, template: str | None, options: SamplingOptions, seed: int | None = None,
              system: str | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None,
              jsonl: bool = False) -> None:
-    from llamalite.train.checkpoint import load_for_inference
-
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    loaded = load_for_inference(checkpoint)
     name, chat_template = template_from_state(loaded.state, template)
     session = ChatSession(loaded.model, loaded.tokenizer, chat_template, options, seeded_generator(seed), system)
     if stdin.isatty():
@@ -114,15 +115,6 @@ def run_chat(checkpoint: Path, template: str | None, options: SamplingOptions, s
         _interactive(session, stdout)
     else:
         _scripted(session, stdin, stdout, jsonl)
-
-
-def seeded_generator(seed: int | None) -> torch.Generator:
-    generator = torch.Generator()
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
-    return generator
 
 
 def _interactive(session: ChatSession, stdout: TextIO) -> None:
@@ -163,3 +155,40 @@ def _scripted(session: ChatSession, stdin: TextIO, stdout: TextIO, jsonl: bool) 
                                     ensure_ascii=False)
             stdout.write(answer + "\n")
             stdout.flush()
+
+
+# ------------------------------------------------------------------------------------------------- generate
+def run_generate(loaded: InferenceModel, prompts: Sequence[str], options: SamplingOptions, seed: int | None = None,
+                 stream: bool = True, stdout: TextIO | None = None, stderr: TextIO | None = None) -> list[Generation]:
+    """`llamalite generate`: one prompt streams to stdout; several run as one batch, printed in order.
+
+    stdout gets prompt + continuation; stderr one line per prompt with why it stopped and the speed.
+    """
+    stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
+    streaming = stream and len(prompts) == 1
+
+    def show(row: int, piece: str) -> None:
+        stdout.write(piece)
+        stdout.flush()
+
+    if streaming:
+        stdout.write(prompts[0])
+        stdout.flush()
+    started = time.perf_counter()
+    results = generate(loaded.model, loaded.tokenizer, prompts, options, generator=seeded_generator(seed),
+                       on_text=show if streaming else None)
+    seconds = time.perf_counter() - started
+    for row, (prompt, result) in enumerate(zip(prompts, results)):
+        if streaming:
+            stdout.write("\n")
+        else:
+            if len(prompts) > 1:
+                stdout.write(f"=== {row + 1}/{len(prompts)} ===\n")
+            stdout.write(prompt + result.text + "\n")
+        truncated = f", prompt truncated by {result.prompt_truncated} tokens" if result.prompt_truncated else ""
+        stderr.write(f"[{row + 1}/{len(prompts)}] finished by {result.finish_reason}: {len(result.tokens)} new tokens"
+                     f"{truncated}\n")
+    total = sum(len(r.tokens) for r in results)
+    stderr.write(f"{total} tokens in {seconds:.2f}s ({total / max(seconds, 1e-9):,.1f} tokens/s)\n")
+    stdout.flush()
+    return results

@@ -3,16 +3,31 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
 
-from llamalite.config import ConfigError, load_config
+from llamalite.chat import run_chat, run_generate
+from llamalite.checkpoint.inference import load_for_inference
+from llamalite.checkpoint.sharded import consolidate
+from llamalite.config import load_config
+from llamalite.data.prepare import prepare
+from llamalite.demo import run_demo
+from llamalite.errors import ConfigError, LlamaliteError
+from llamalite.eval.tasks import TASKS
+from llamalite.evaluate import SweepOptions, dynamics_table, evaluate_checkpoints, read_evals_for
+from llamalite.export.hf import export_checkpoint, import_hf
+from llamalite.generate import SamplingOptions
+from llamalite.model.presets import count_parameters, get_preset, matmul_parameters, training_flops_per_token
+from llamalite.report import build_report
+from llamalite.runtime import is_main_process, setup_logging, shutdown_distributed
+from llamalite.sft import merge, run_sft
+from llamalite.train.optim import build_optimizer
+from llamalite.train.trainer import Trainer
 
 
 def cmd_model_info(args: argparse.Namespace) -> None:
-    from llamalite.model.presets import count_parameters, get_preset, matmul_parameters, training_flops_per_token
-
     config = get_preset(args.preset)
     seq_len = args.seq_len or config.max_seq_len
     params = count_parameters(config)
@@ -37,20 +52,16 @@ def cmd_model_info(args: argparse.Namespace) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
-    from llamalite.data.prepare import prepare
-
     prepare(load_config(args.config, args.overrides))
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from llamalite.train.distributed import shutdown_distributed
-    from llamalite.train.trainer import Trainer
-
     try:
         result = Trainer(load_config(args.config, args.overrides)).fit()
+        is_main = is_main_process()
     finally:
         shutdown_distributed()  # under torchrun; nothing to do on one process
-    if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 alone reports
+    if not is_main:  # under torchrun rank 0 alone reports
         return
     stopped = f"; stopped by {result.stopped_by}, run the same command to resume" if result.stopped_by else ""
     print(f"run directory: {result.run_dir}  ({result.steps} steps, {result.tokens:,} tokens, "
@@ -58,29 +69,24 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_consolidate(args: argparse.Namespace) -> None:
-    from llamalite.train.distributed import consolidate
+    def cpu_optimizer(model, config):
+        return build_optimizer(model, config.optim, "cpu")
 
-    out = consolidate(Path(args.checkpoint), Path(args.out_dir))
+    out = consolidate(Path(args.checkpoint), Path(args.out_dir), cpu_optimizer)
     print(f"consolidated {args.checkpoint} -> {out} (single-file weights, optimizer and trainer state)")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from llamalite.demo import run_demo
-
-    run_demo(args.config, args.overrides, args.sft_override)
+    run_demo(args.config, args.overrides, args.sft_override, args.alpaca)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from llamalite.export.hf import export_checkpoint
-
     out = export_checkpoint(Path(args.checkpoint), Path(args.out_dir), dtype=args.dtype, trim_vocab=args.trim_vocab,
                             shard_size=args.shard_size, tokenizer_path=Path(args.tokenizer) if args.tokenizer else None)
     print(f"exported to {out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
 
 
 def cmd_import(args: argparse.Namespace) -> None:
-    from llamalite.export.hf import import_hf
-
     out = import_hf(Path(args.hf_dir), Path(args.out_dir))
     has_tokenizer = (out / "tokenizer.json").exists()
     print(f"imported {args.hf_dir} -> checkpoint {out} "
@@ -88,15 +94,11 @@ def cmd_import(args: argparse.Namespace) -> None:
 
 
 def sampling_options(args: argparse.Namespace):
-    from llamalite.generate import SamplingOptions
-
     return SamplingOptions(max_new_tokens=args.max_new_tokens, temperature=0.0 if args.greedy else args.temperature,
                            top_k=args.top_k, top_p=args.top_p, stop=tuple(args.stop or ()))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from llamalite.eval.runner import SweepOptions, dynamics_table, evaluate_checkpoints, read_evals_for
-
     task_files = dict(_key_value(item, "--task-file") for item in args.task_file)
     options = SweepOptions(tasks=_task_list(args.tasks), limit=args.limit, all_checkpoints=args.all_checkpoints,
                            val_loss=not args.no_val_loss, batch_size=args.batch_size, data_dir=args.data_dir,
@@ -106,14 +108,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def _task_list(text: str) -> list[str]:
-    from llamalite.eval.tasks import TASKS
-
     return list(TASKS) if text == "all" else [name for name in text.split(",") if name.strip()] if text else []
 
 
 def _key_value(item: str, flag: str) -> tuple[str, str]:
     if "=" not in item:
-        raise ValueError(f"{flag} {item!r} must look like TASK=PATH, e.g. piqa=data/piqa_validation.jsonl")
+        raise ConfigError(f"{flag} {item!r} must look like TASK=PATH, e.g. piqa=data/piqa_validation.jsonl")
     key, value = item.split("=", 1)
     return key.strip(), value.strip()
 
@@ -126,29 +126,26 @@ def set_threads(threads: int | None) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from llamalite.generate import run_generate
-
     set_threads(args.threads)
-    run_generate(Path(args.checkpoint), args.prompt, sampling_options(args), seed=args.seed, stream=not args.no_stream)
+    options = sampling_options(args)  # checked before the checkpoint is loaded
+    options.validate()
+    run_generate(load_for_inference(Path(args.checkpoint)), args.prompt, options, seed=args.seed,
+                 stream=not args.no_stream)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    from llamalite.chat import run_chat
-
     set_threads(args.threads)
-    run_chat(Path(args.checkpoint), args.template, sampling_options(args), seed=args.seed, system=args.system,
+    options = sampling_options(args)
+    options.validate()
+    run_chat(load_for_inference(Path(args.checkpoint)), args.template, options, seed=args.seed, system=args.system,
              jsonl=args.jsonl)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from llamalite.report import build_report
-
     print(f"report: {build_report([Path(p) for p in args.run_dirs], Path(args.out) if args.out else None)}")
 
 
 def cmd_sft(args: argparse.Namespace) -> None:
-    from llamalite.sft import run_sft
-
     result = run_sft(load_config(args.config, args.overrides))
     stopped = f"; stopped by {result.stopped_by}, run the same command to resume" if result.stopped_by else ""
     print(f"run directory: {result.run_dir}  ({result.steps} steps{stopped}); "
@@ -156,8 +153,6 @@ def cmd_sft(args: argparse.Namespace) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
-    from llamalite.sft import merge
-
     out = merge(Path(args.checkpoint), Path(args.out_dir), Path(args.adapter_out) if args.adapter_out else None)
     adapter = f"; adapter in PEFT format in {args.adapter_out}" if args.adapter_out else ""
     print(f"merged checkpoint: {out}{adapter}")
@@ -181,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("model-info", help="parameters and FLOPs per token of a model preset")
     p.add_argument("preset", help="tiny | 124m | dmas-1.7b")
-    p.add_argument("--seq-len", type=int, default=None, help="sequence length for attention FLOPs (default: the preset's)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="sequence length for attention FLOPs (default: the preset's)")
     p.set_defaults(func=cmd_model_info)
 
     overrides_help = "dotted overrides such as train.max_steps=100"
@@ -196,24 +192,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("consolidate", help="sharded (FSDP) checkpoint -> single-file checkpoint directory")
-    p.add_argument("checkpoint", help="checkpoint directory written with train.parallel=fsdp (runs/<name>/checkpoints/step_XXXXXXX)")
-    p.add_argument("out_dir", help="checkpoint directory to write (eval, export and a resume at any world size read it)")
+    p.add_argument("checkpoint", help="checkpoint directory written with train.parallel=fsdp "
+                   "(runs/<name>/checkpoints/step_XXXXXXX)")
+    p.add_argument("out_dir",
+                   help="checkpoint directory to write (eval, export and a resume at any world size read it)")
     p.set_defaults(func=cmd_consolidate)
 
     p = sub.add_parser("demo", help="end-to-end demo on the embedded Shakespeare corpus (CPU, minutes)")
-    p.add_argument("--config", default=None, help="demo config (default: configs/demo.yaml)")
+    p.add_argument("--config", default=None, help="demo config (default: the packaged llamalite/configs/demo.yaml)")
+    p.add_argument("--alpaca", default=None, metavar="FILE", help="Alpaca-format JSON for the fine-tuning stage "
+                   "(e.g. alpaca_5000.json; default: instruction pairs made from the plays)")
     p.add_argument("--sft-override", action="append", default=[], metavar="KEY=VALUE",
-                   help="override of the fine-tuning stage's config (configs/sft-demo.yaml), e.g. train.max_steps=10")
+                   help="override of the fine-tuning stage's config (llamalite/configs/sft-demo.yaml), "
+                   "e.g. train.max_steps=10")
     p.add_argument("overrides", nargs="*", help=overrides_help + " (of the pretraining stage)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("export", help="checkpoint -> transformers LlamaForCausalLM folder (weights, config, tokenizer)")
-    p.add_argument("checkpoint", help="checkpoint directory (runs/<name>/checkpoints/step_XXXXXXX) or run directory (its newest)")
+    p.add_argument("checkpoint", help="checkpoint directory (runs/<name>/checkpoints/step_XXXXXXX) "
+                   "or run directory (its newest)")
     p.add_argument("out_dir", help="folder to write; AutoModelForCausalLM.from_pretrained loads it")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weight dtype (default: fp32)")
-    p.add_argument("--trim-vocab", action="store_true", help="cut the padded embedding/lm_head rows to the tokenizer's size")
+    p.add_argument("--trim-vocab", action="store_true",
+                   help="cut the padded embedding/lm_head rows to the tokenizer's size")
     p.add_argument("--shard-size", default="5GB", help="largest safetensors file before sharding (default: 5GB)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.json to ship (default: the run's, <data.out_dir>/tokenizer.json)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer.json to ship (default: the run's, <data.out_dir>/tokenizer.json)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("import", help="transformers Llama folder (config.json + safetensors) -> checkpoint directory")
@@ -221,19 +225,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", help="checkpoint directory to write")
     p.set_defaults(func=cmd_import)
 
-    p = sub.add_parser("eval", help="validation loss and zero-shot benchmarks of a checkpoint, or of every checkpoint of a run")
-    p.add_argument("target", help="run directory (its newest checkpoint, or all with --all-checkpoints) or checkpoint directory")
-    p.add_argument("--tasks", default="", help="comma-separated: hellaswag,arc_easy,arc_challenge,piqa,winogrande,boolq,"
+    p = sub.add_parser("eval", help="validation loss and zero-shot benchmarks of a checkpoint, "
+                       "or of every checkpoint of a run")
+    p.add_argument("target", help="run directory (its newest checkpoint, or all with --all-checkpoints) "
+                   "or checkpoint directory")
+    p.add_argument("--tasks", default="",
+                   help="comma-separated: hellaswag,arc_easy,arc_challenge,piqa,winogrande,boolq,"
                    "openbookqa,lambada_openai, or all (default: none, validation loss only)")
     p.add_argument("--limit", type=int, default=None, help="score the first N examples of each task (a fixed subset)")
-    p.add_argument("--all-checkpoints", action="store_true", help="every checkpoint of the run, skipping ones already in evals.jsonl")
+    p.add_argument("--all-checkpoints", action="store_true",
+                   help="every checkpoint of the run, skipping ones already in evals.jsonl")
     p.add_argument("--data-dir", default=None, help="folder of local task files named as their HF split (e.g. "
                    "hellaswag_val.jsonl, piqa_validation.jsonl); default: download through `datasets`")
-    p.add_argument("--task-file", action="append", default=[], metavar="TASK=PATH", help="a task's local file (repeatable)")
+    p.add_argument("--task-file", action="append", default=[], metavar="TASK=PATH",
+                   help="a task's local file (repeatable)")
     p.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass (default: 32)")
     p.add_argument("--no-val-loss", action="store_true", help="skip the validation loss on the run's held-out split")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="fp32 (as lm-evaluation-harness) or bf16 autocast")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="fp32 (as lm-evaluation-harness) or bf16 autocast")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="continue prompts with a checkpoint (KV cache; streams one prompt)")
@@ -254,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("report", help="training-dynamics report of runs: HTML page, PNG figures, CSV exports")
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories; several are overlaid for comparison")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                   help="run directories; several are overlaid for comparison")
     p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/report/ for one run, "
                    "<first RUN_DIR>/report/compare/ for several)")
     p.set_defaults(func=cmd_report)
@@ -274,14 +285,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A user error (LlamaliteError) prints one line and returns 2; any other exception is a bug
+    and propagates with its traceback."""
     args = build_parser().parse_args(argv)
-    from llamalite.data import DataError
-    from llamalite.train.checkpoint import CheckpointError
-    from llamalite.train.trainer import TrainError
-
+    setup_logging(logging.DEBUG if os.environ.get("LLAMALITE_DEBUG") else logging.INFO)
     try:
         args.func(args)
-    except (ConfigError, DataError, TrainError, CheckpointError, ValueError, FileNotFoundError) as exc:
+    except LlamaliteError as exc:
         if os.environ.get("LLAMALITE_DEBUG"):
             raise
         print(f"llamalite: error: {exc}  (set LLAMALITE_DEBUG=1 for a traceback)", file=sys.stderr)

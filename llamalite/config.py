@@ -7,7 +7,6 @@ closest valid key, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,16 +15,15 @@ from typing import Any
 
 import yaml
 
+from llamalite.errors import ConfigError, did_you_mean
 from llamalite.model.llama import ModelConfig
-
-
-class ConfigError(ValueError):
-    """A configuration problem, worded for the user (one line, names the fix)."""
+from llamalite.model.presets import get_preset
 
 
 @dataclass
 class TokenizerConfig:
-    path: str | None = None  # tokenizer.json, or a folder with tokenizer.json or vocab.json + merges.txt; None: train one
+    # tokenizer.json, or a folder with tokenizer.json or vocab.json + merges.txt; None: train one
+    path: str | None = None
     vocab_size: int = 4096  # size of the BPE trained when path is None
     eos_token: str = "<|endoftext|>"  # the document separator (GPT-2's id 50256)
     pad_vocab_multiple: int = 64  # the model's vocab is the tokenizer's size rounded up to this
@@ -38,7 +36,8 @@ class SourceConfig:
     text_field: str = "text"  # jsonl/parquet/hf: the field holding the document text
     name: str | None = None  # hf: the dataset's configuration, e.g. sample-100BT
     split: str = "train"  # hf: which split to stream
-    separator: str | None = None  # text: split each file into documents at this string (e.g. "\n\n"); None: a file is a document
+    # text: split each file into documents at this string (e.g. "\n\n"); None: a file is a document
+    separator: str | None = None
     max_docs: int | None = None  # stop after this many documents from this source
 
 
@@ -76,7 +75,7 @@ class TrainConfig:
     run_dir: str | None = None  # None: runs/<name>
     overwrite: bool = False  # allow starting over in a run directory that already holds a run
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "bf16"  # bf16 (autocast) | fp32
+    dtype: str = "bf16"  # bf16 (autocast) | fp32 | auto (bf16 where the device computes it natively, else fp32)
     compile: bool = False  # torch.compile the model together with the loss
     seed: int = 1337
     threads: int | None = None  # torch intra-op threads; None: torch's default
@@ -93,7 +92,8 @@ class TrainConfig:
     sample_tokens: int = 48
     sample_temperature: float = 0.8
     sample_top_k: int = 50
-    save_interval: int = 0  # checkpoint every N steps (always at the end and when stopped by SIGTERM/SIGINT); 0: only then
+    # checkpoint every N steps (always at the end and when stopped by SIGTERM/SIGINT); 0: only then
+    save_interval: int = 0
     keep_checkpoints: int = 3  # keep the newest N checkpoints (plus milestones); 0 keeps every one
     milestone_interval: int = 0  # checkpoints at steps divisible by this are never deleted; 0: no milestones
     reset_optimizer: bool = False  # on resume, start a fresh AdamW instead of the saved state (recorded as an event)
@@ -103,17 +103,23 @@ class TrainConfig:
     max_skipped_steps: int = 10  # consecutive skipped updates (non-finite or spikes) before the run stops
     peak_flops: float | None = None  # device peak FLOP/s for MFU; None: looked up for known GPUs
     parallel: str = "auto"  # auto (ddp when torchrun starts several processes, else none) | none | ddp | fsdp (FSDP2)
-    activation_checkpointing: str = "none"  # none | block (recompute each block in backward) | selective (keep matmul/attention outputs)
-    compile_scope: str = "loss"  # with compile: loss (model and loss as one graph) | block (each block alone; always so under fsdp)
-    loss_chunk_tokens: int = 0  # cross-entropy over chunks of this many tokens, their logits recomputed in backward; 0: whole batch
+    # none | block (recompute each block in backward) | selective (keep matmul/attention outputs)
+    activation_checkpointing: str = "none"
+    # with compile: loss (model and loss as one graph) | block (each block alone; always so under fsdp)
+    compile_scope: str = "loss"
+    # cross-entropy over chunks of this many tokens, their logits recomputed in backward; 0: whole batch
+    loss_chunk_tokens: int = 0
     progress: bool = True  # progress bar with ETA
 
 
 @dataclass
 class EvalConfig:
-    tasks: list[str] = field(default_factory=list)  # hellaswag, arc_easy, arc_challenge, piqa, winogrande, boolq, openbookqa, lambada_openai
-    data_dir: str | None = None  # folder of local task files named as in ../shared/data/eval (e.g. hellaswag_val.jsonl); None: the hub
-    task_files: dict[str, str] = field(default_factory=dict)  # per-task file overriding data_dir, e.g. {piqa: /data/piqa.parquet}
+    # hellaswag, arc_easy, arc_challenge, piqa, winogrande, boolq, openbookqa, lambada_openai
+    tasks: list[str] = field(default_factory=list)
+    # folder of local task files named as in ../shared/data/eval (e.g. hellaswag_val.jsonl); None: the hub
+    data_dir: str | None = None
+    # per-task file overriding data_dir, e.g. {piqa: /data/piqa.parquet}
+    task_files: dict[str, str] = field(default_factory=dict)
     limit: int | None = None  # score the first N examples of each task (a fixed subset); None: all
     interval: int = 0  # in training: benchmarks every N steps (and at the last step); 0 disables
     batch_size: int = 32  # sequences per forward pass when scoring
@@ -143,12 +149,15 @@ class LoraConfig:
 
 @dataclass
 class SFTConfig:
-    base: str | None = None  # checkpoint or run directory (its newest checkpoint) to fine-tune; model and tokenizer come from it
-    data: str | None = None  # JSON array or JSON Lines file (Alpaca or chat `messages` records), or a Hugging Face dataset name
+    # checkpoint or run directory (its newest checkpoint) to fine-tune; model and tokenizer come from it
+    base: str | None = None
+    # JSON array or JSON Lines file (Alpaca or chat `messages` records), or a Hugging Face dataset name
+    data: str | None = None
     format: str = "auto"  # auto | alpaca (instruction, input, output) | messages (list of {role, content})
     hf_split: str = "train"  # the split to read when data is a Hugging Face dataset name
     max_records: int | None = None  # read only the first N records
-    template: str = "vicuna_v1.1"  # vicuna_v1.1 | chatml | plain (llamalite/data/chat_templates.yaml) | a name in templates
+    # vicuna_v1.1 | chatml | plain (llamalite/data/chat_templates.yaml) | a name in templates
+    template: str = "vicuna_v1.1"
     templates: dict[str, ChatTemplate] = field(default_factory=dict)  # more templates, or replacements of built-in ones
     alpaca_input_separator: str = "\n\n"  # between an Alpaca instruction and its input in the user turn
     val_fraction: float = 0.02  # share of records held out for validation (chosen by content hash)
@@ -189,14 +198,15 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
         if not isinstance(raw, dict):
-            raise ConfigError(f"{path} must hold a mapping of sections (model:, data:, train: ...), not {type(raw).__name__}")
+            raise ConfigError(f"{path} must hold a mapping of sections (model:, data:, train: ...), "
+                              f"not {type(raw).__name__}")
     for item in overrides:
         _apply_override(raw, item)
     return config_from_dict(raw)
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
-    config = _build(Config, raw, prefix="")
+    config = build_section(Config, raw, prefix="")
     _apply_model_preset(config, raw.get("model") or {})
     return config
 
@@ -205,8 +215,6 @@ def _apply_model_preset(config: Config, raw_model: dict[str, Any]) -> None:
     """Fill model fields from the named preset, except those the config sets itself."""
     if not config.model.preset:
         return
-    from llamalite.model.presets import get_preset
-
     preset = get_preset(config.model.preset)
     for f in dataclasses.fields(ModelConfig):
         if f.name != "preset" and f.name not in raw_model:
@@ -229,7 +237,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     node[keys[-1]] = yaml.safe_load(value_text) if value_text.strip() else None
 
 
-def _build(cls: type, raw: Any, prefix: str) -> Any:
+def build_section(cls: type, raw: Any, prefix: str) -> Any:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -246,9 +254,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 
 def _unknown_key_message(dotted: str, valid: list[str], prefix: str) -> str:
     leaf = dotted[len(prefix):]
-    close = difflib.get_close_matches(leaf, valid, n=1, cutoff=0.5)
-    hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys here: {', '.join(valid)}"
-    return f"unknown config key '{dotted}': {hint}"
+    return f"unknown config key '{dotted}': {did_you_mean(leaf, valid, prefix, otherwise='valid keys here:')}"
 
 
 def _coerce(hint: Any, value: Any, dotted: str) -> Any:
@@ -260,7 +266,7 @@ def _coerce(hint: Any, value: Any, dotted: str) -> Any:
         non_none = [a for a in args if a is not type(None)]
         return _coerce(non_none[0], value, dotted)
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, dotted + ".")
+        return build_section(hint, value, dotted + ".")
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{dotted} must be a list, got {value!r}")

@@ -1,42 +1,57 @@
-"""The end-to-end demo: Shakespeare's plays -> BPE tokenizer -> shards -> a tiny LLaMA trained on the CPU."""
+"""The end-to-end demo: Shakespeare's plays -> BPE tokenizer -> shards -> a tiny LLaMA trained on the CPU -> a short
+instruction tuning (on Alpaca records when given, else on "continue the line" pairs from the plays) -> the report.
+
+The demo is the one composition of commands: it may import every command module.
+"""
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Sequence
+from contextlib import contextmanager
+from importlib.resources import as_file, files
 from pathlib import Path
 
-from llamalite.config import ConfigError, load_config
-from llamalite.train.trainer import TrainResult
+import numpy as np
+
+from llamalite.config import load_config
+from llamalite.data.prepare import prepare
+from llamalite.data.shards import read_shard
+from llamalite.errors import ConfigError, DataError
+from llamalite.report import build_report
+from llamalite.sft import Answer, SFTTrainer, answer_prompts
+from llamalite.tokenizer import Tokenizer
+from llamalite.train.trainer import Trainer, TrainResult
 
 BAR_WIDTH = 40
+DEMO_QUESTIONS = ["Give three tips for staying healthy.", "What is the capital of France?",
+                  "Write a short poem about the sea."]
 
 
-def default_demo_config() -> Path:
-    """configs/demo.yaml of the source checkout this package was installed from (pip install -e .)."""
-    return Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+@contextmanager
+def packaged_config(name: str):
+    """The path of a config shipped inside the package (llamalite/configs/NAME), for the life of the context."""
+    with as_file(files("llamalite") / "configs" / name) as path:
+        yield path
 
 
-def run_demo(config_path: str | None = None, overrides: list[str] | tuple[str, ...] = (),
-             sft_overrides: list[str] | tuple[str, ...] = ()) -> TrainResult:
-    from llamalite.data.prepare import prepare
-    from llamalite.train.trainer import Trainer
-
-    path = Path(config_path) if config_path else default_demo_config()
-    if not path.is_file():
-        raise ConfigError(f"demo config not found at {path}: run from a source checkout or pass --config FILE")
+def run_demo(config_path: str | None = None, overrides: Sequence[str] = (), sft_overrides: Sequence[str] = (),
+             alpaca_file: str | None = None) -> TrainResult:
     started = time.perf_counter()
-    config = load_config(path, ["train.overwrite=true", *overrides])  # the demo always starts afresh
+    with packaged_config("demo.yaml") as default_path:
+        path = Path(config_path) if config_path else default_path
+        if not path.is_file():
+            raise ConfigError(f"demo config not found at {path}: pass --config FILE with an existing YAML file")
+        config = load_config(path, ["train.overwrite=true", *overrides])  # the demo always starts afresh
     print(f"[1/2] preparing the corpus into {config.data.out_dir}/")
     prepare(config)
     print(f"[2/2] training the {config.model.preset or 'custom'} model for {config.train.max_steps} steps")
     result = Trainer(config).fit()
     print_summary(result, time.perf_counter() - started)
-    from llamalite.sft import run_demo_sft
-
-    run_demo_sft(result, sft_overrides)
-    from llamalite.report import build_report
-
-    print(f"report: {build_report([result.run_dir])}  (open it in a browser; llamalite report {result.run_dir} rebuilds it)")
+    run_demo_sft(result, sft_overrides, Path(alpaca_file) if alpaca_file else None)
+    print(f"report: {build_report([result.run_dir])}  (open it in a browser; llamalite report {result.run_dir} "
+          "rebuilds it)")
     return result
 
 
@@ -64,3 +79,71 @@ def loss_curve(points: list[tuple[int, float]]) -> str:
     return "\n".join(
         f"  step {step:>6}  {loss:7.4f}  {'#' * max(1, round(BAR_WIDTH * loss / top))}" for step, loss in points
     )
+
+
+# ------------------------------------------------------------------------------------------------- fine-tuning
+def run_demo_sft(result: TrainResult, overrides: Sequence[str] = (), alpaca_file: Path | None = None) -> None:
+    """The demo's last stage: a short full fine-tuning of the demo model on Alpaca (when a file is given) or on
+    instruction pairs made from the demo's own plays, with answers before and after."""
+    run_dir = Path(result.run_dir)
+    if alpaca_file is None:
+        prepared_dir = Path(load_config(run_dir / "config.yaml").data.out_dir)
+        data_file = write_play_instructions(prepared_dir, prepared_dir / "sft_plays.jsonl")
+        questions = [json.loads(line)["messages"][0]["content"] for line in data_file.read_text().splitlines()[:3]]
+    else:
+        if not alpaca_file.is_file():
+            raise DataError(f"Alpaca file not found: {alpaca_file} (pass --alpaca with an existing JSON file, "
+                            "or leave it out to fine-tune on lines of the plays)")
+        data_file, questions = alpaca_file, DEMO_QUESTIONS
+    sft_run_dir = run_dir.parent / f"{run_dir.name}-sft"  # runs/demo-sft beside runs/demo
+    with packaged_config("sft-demo.yaml") as config_file:
+        config = load_config(config_file, [f"sft.base={run_dir}", f"sft.data={data_file}", "train.overwrite=true",
+                                           f"train.run_dir={sft_run_dir}", *overrides])
+    print(f"\n[sft] fine-tuning the demo model on {data_file.name} ({config.sft.method}, {config.train.max_steps} "
+          f"steps of {config.train.batch_tokens:,} tokens, {config.sft.template} template)")
+    started = time.perf_counter()
+    trainer = SFTTrainer(config)
+    template = trainer.template
+    before = _demo_answers(trainer, questions)
+    sft_result = trainer.fit()
+    after = _demo_answers(trainer, questions)
+    losses = sft_result.val_losses
+    if len(losses) >= 2:
+        print(f"[sft] held-out answer loss {losses[0][1]:.3f} -> {losses[-1][1]:.3f} "
+              f"in {time.perf_counter() - started:.0f} s; run directory {sft_result.run_dir}/")
+    for question, old, new in zip(questions, before, after):
+        print(f"\n{template.user_format.replace('{content}', question)}{template.assistant_prefix}")
+        print(f"  before: {_one_line(old)}")
+        print(f"  after:  {_one_line(new)}")
+
+
+def _demo_answers(trainer: SFTTrainer, questions: list[str]) -> list[Answer]:
+    trainer.model.eval()
+    with trainer.autocast():
+        return answer_prompts(trainer.model, trainer.tokenizer, trainer.template, questions, 48)
+
+
+def _one_line(answer: Answer, width: int = 160) -> str:
+    text = " ".join(answer.text.split())
+    text = text if len(text) <= width else text[: width - 3] + "..."
+    return f"{text!r}  [{'ended with EOS' if answer.ended_with_eos else answer.finish_reason}]"
+
+
+def write_play_instructions(prepared_dir: Path, out_file: Path, count: int = 600) -> Path:
+    """'Continue the line' pairs from the demo's training text: half a line of verse in, its other half out."""
+    tokenizer = Tokenizer.load(prepared_dir / "tokenizer.json")
+    manifest = json.loads((prepared_dir / "manifest.json").read_text())
+    shards = manifest["splits"]["train"]["shards"]
+    text = tokenizer.decode(np.asarray(read_shard(prepared_dir / shards[0]["file"])[:400_000]).tolist())
+    lines = [line.strip() for line in text.splitlines()
+             if 6 <= len(line.split()) <= 12 and not any(c in line for c in "*#")]
+    records = []
+    for line in lines[:: max(1, len(lines) // count)][:count]:
+        words = line.split()
+        half = len(words) // 2
+        records.append({"messages": [{"role": "user", "content": "Continue the line: " + " ".join(words[:half])},
+                                     {"role": "assistant", "content": " ".join(words[half:])}]})
+    if not records:
+        raise DataError(f"no line of verse found in {prepared_dir} to build the demo's instruction pairs")
+    out_file.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return out_file

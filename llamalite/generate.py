@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from llamalite.errors import ConfigError
 from llamalite.model.kv_cache import KVCache
 from llamalite.tokenizer import Tokenizer
 
@@ -42,15 +43,15 @@ class SamplingOptions:
 
     def validate(self) -> None:
         if self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+            raise ConfigError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+            raise ConfigError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
         if self.top_k is not None and self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 keeps every token), got {self.top_k}")
+            raise ConfigError(f"top_k must be >= 0 (0 keeps every token), got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if any(not s for s in self.stop):
-            raise ValueError("stop strings must not be empty")
+            raise ConfigError("stop strings must not be empty")
 
 
 @dataclass
@@ -401,47 +402,3 @@ def sample(
     options = SamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k)
     result = generate_ids(model, [list(prompt)], options, eos_id=eos_id, generator=generator, slide=True)[0]
     return result.tokens
-
-
-# ------------------------------------------------------------------------------------------------- command
-def run_generate(checkpoint, prompts: Sequence[str], options: SamplingOptions, seed: int | None = None,
-                 stream: bool = True, stdout=None, stderr=None) -> list[Generation]:
-    """`llamalite generate`: one prompt streams to stdout; several run as one batch, printed in order.
-
-    stdout gets prompt + continuation; stderr one line per prompt with why it stopped and the speed.
-    """
-    import sys
-    import time
-
-    from llamalite.chat import seeded_generator
-    from llamalite.train.checkpoint import load_for_inference
-
-    stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
-    loaded = load_for_inference(checkpoint)
-    streaming = stream and len(prompts) == 1
-
-    def show(row: int, piece: str) -> None:
-        stdout.write(piece)
-        stdout.flush()
-
-    if streaming:
-        stdout.write(prompts[0])
-        stdout.flush()
-    started = time.perf_counter()
-    results = generate(loaded.model, loaded.tokenizer, prompts, options, generator=seeded_generator(seed),
-                       on_text=show if streaming else None)
-    seconds = time.perf_counter() - started
-    for row, (prompt, result) in enumerate(zip(prompts, results)):
-        if streaming:
-            stdout.write("\n")
-        else:
-            if len(prompts) > 1:
-                stdout.write(f"=== {row + 1}/{len(prompts)} ===\n")
-            stdout.write(prompt + result.text + "\n")
-        truncated = f", prompt truncated by {result.prompt_truncated} tokens" if result.prompt_truncated else ""
-        stderr.write(f"[{row + 1}/{len(prompts)}] finished by {result.finish_reason}: {len(result.tokens)} new tokens"
-                     f"{truncated}\n")
-    total = sum(len(r.tokens) for r in results)
-    stderr.write(f"{total} tokens in {seconds:.2f}s ({total / max(seconds, 1e-9):,.1f} tokens/s)\n")
-    stdout.flush()
-    return results

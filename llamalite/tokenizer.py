@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from llamalite.data import DataError
-from llamalite.data.shards import atomic_write
+from llamalite.errors import DataError
+from llamalite.files import atomic_write
 
 if TYPE_CHECKING:  # config imports the model (torch); tokenizer worker processes must stay light
     from llamalite.config import TokenizerConfig
@@ -53,14 +53,16 @@ class Tokenizer:
             return cls(_read_tokenizer_json(path), eos_token, source=str(path))
         if path.is_dir():
             if (path / "tokenizer.json").is_file():
-                return cls(_read_tokenizer_json(path / "tokenizer.json"), eos_token, source=str(path / "tokenizer.json"))
+                return cls(_read_tokenizer_json(path / "tokenizer.json"), eos_token,
+                           source=str(path / "tokenizer.json"))
             if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
                 return cls(_gpt2_style_from_files(path, eos_token), eos_token, source=str(path / "vocab.json"))
             raise DataError(
                 f"{path} holds neither tokenizer.json nor vocab.json + merges.txt: "
                 "point tokenizer.path at a tokenizer.json file or such a folder"
             )
-        raise DataError(f"tokenizer not found: {path} (set tokenizer.path to an existing file or folder, or unset it to train one)")
+        raise DataError(f"tokenizer not found: {path} "
+                        "(set tokenizer.path to an existing file or folder, or unset it to train one)")
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, eos_token: str = DEFAULT_EOS) -> Tokenizer:
@@ -139,7 +141,8 @@ class Tokenizer:
     @property
     def fingerprint(self) -> str:
         """sha256 of the canonical JSON: equal fingerprints mean identical tokenization."""
-        canonical = json.dumps(json.loads(self._inner.to_str()), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        canonical = json.dumps(json.loads(self._inner.to_str()), sort_keys=True, separators=(",", ":"),
+                               ensure_ascii=False)
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
     def padded_vocab_size(self, multiple: int) -> int:
@@ -149,7 +152,8 @@ class Tokenizer:
         return -(-self.size // multiple) * multiple
 
     def __repr__(self) -> str:
-        return f"Tokenizer(size={self.size}, eos={self._eos_token!r}:{self._eos_id}, fingerprint={self.fingerprint[:12]})"
+        return (f"Tokenizer(size={self.size}, eos={self._eos_token!r}:{self._eos_id}, "
+                f"fingerprint={self.fingerprint[:12]})")
 
 
 def build_tokenizer(cfg: TokenizerConfig, texts_factory: Callable[[], Iterable[str]]) -> Tokenizer:
@@ -163,7 +167,8 @@ def _read_tokenizer_json(path: Path) -> HFTokenizer:
     try:
         return HFTokenizer.from_file(str(path))
     except Exception as exc:  # tokenizers raises a bare Exception with the serde message
-        raise DataError(f"{path} is not a valid tokenizer.json ({str(exc).splitlines()[0]}): point tokenizer.path at a Hugging Face tokenizer.json") from None
+        raise DataError(f"{path} is not a valid tokenizer.json ({str(exc).splitlines()[0]}): "
+                        "point tokenizer.path at a Hugging Face tokenizer.json") from None
 
 
 def _gpt2_style_from_files(folder: Path, eos_token: str) -> HFTokenizer:
@@ -171,7 +176,8 @@ def _gpt2_style_from_files(folder: Path, eos_token: str) -> HFTokenizer:
     with open(vocab_file, encoding="utf-8") as f:
         if eos_token not in json.load(f):
             raise DataError(
-                f"end-of-text token {eos_token!r} is not in {vocab_file}: set tokenizer.eos_token to the vocabulary's separator"
+                f"end-of-text token {eos_token!r} is not in {vocab_file}: "
+                "set tokenizer.eos_token to the vocabulary's separator"
             )
     inner = HFTokenizer(models.BPE.from_file(str(vocab_file), str(merges_file)))
     inner.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -6,8 +6,8 @@ import torch
 
 from llamalite.chat import ChatSession, template_from_state
 from llamalite.cli import main
-from llamalite.config import ConfigError
 from llamalite.data.sft import encode_prompt, get_template
+from llamalite.errors import ConfigError
 from llamalite.generate import SamplingOptions
 from llamalite.model.llama import Llama, ModelConfig
 from llamalite.tokenizer import Tokenizer
@@ -79,7 +79,7 @@ def test_chat_reads_turns_from_stdin_when_not_a_terminal(trained_run, monkeypatc
     answers = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [a["user"] for a in answers] == ["the king", "the queen"]
 
-    from llamalite.train.checkpoint import load_for_inference
+    from llamalite.checkpoint.inference import load_for_inference
 
     loaded = load_for_inference(trained_run)
     session = ChatSession(loaded.model, loaded.tokenizer, PLAIN, SamplingOptions(max_new_tokens=4, temperature=0.0))
@@ -94,6 +94,7 @@ def test_chat_reads_turns_from_stdin_when_not_a_terminal(trained_run, monkeypatc
 
 def test_interactive_chat_streams_answers_and_obeys_commands(trained_run, monkeypatch):
     from llamalite.chat import run_chat
+    from llamalite.checkpoint.inference import load_for_inference
 
     class Terminal(io.StringIO):
         def isatty(self):
@@ -102,7 +103,8 @@ def test_interactive_chat_streams_answers_and_obeys_commands(trained_run, monkey
     lines = iter(["the king", "/reset", "the queen", "/exit", "never read"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
     out = io.StringIO()
-    run_chat(trained_run, None, SamplingOptions(max_new_tokens=4, temperature=0.0), stdin=Terminal(), stdout=out)
+    run_chat(load_for_inference(trained_run), None, SamplingOptions(max_new_tokens=4, temperature=0.0),
+             stdin=Terminal(), stdout=out)
     text = out.getvalue()
     assert text.startswith("chatting with") and "template plain" in text
     assert text.count("assistant> ") == 2 and "(history cleared)" in text

@@ -1,4 +1,7 @@
 import importlib.metadata
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -44,3 +47,26 @@ def test_demo_end_to_end_in_miniature(capsys, tmp_path):
     assert f"report: {tmp_path / 'run' / 'report' / 'index.html'}" in out
     assert (tmp_path / "run" / "report" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "[sft] held-out answer loss" in out and (tmp_path / "run-sft" / "checkpoints" / "step_0000002").is_dir()
+
+
+def run_cli(code: str) -> subprocess.CompletedProcess:
+    """The console script's entry point in a fresh interpreter, after `code` has run (to plant a bug)."""
+    script = f"import sys\nimport llamalite.cli as cli\n{code}\nsys.exit(cli.main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", script, "model-info", "124m"], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "LLAMALITE_DEBUG": ""})
+
+
+def test_a_bug_inside_a_command_shows_its_traceback():
+    # A ValueError or a missing file raised by a bug is not a user error: it must not be reduced to one line.
+    for bug in ("ValueError('a bug')", "FileNotFoundError('a bug')"):
+        result = run_cli(f"def broken(name):\n    raise {bug}\ncli.get_preset = broken")
+        assert result.returncode == 1
+        assert "Traceback (most recent call last)" in result.stderr and "in broken" in result.stderr
+        assert "llamalite: error:" not in result.stderr
+
+
+def test_a_user_error_is_one_line_with_exit_code_2():
+    result = run_cli("from llamalite.model.presets import get_preset\ncli.get_preset = lambda name: get_preset('7b')")
+    assert result.returncode == 2
+    assert result.stderr.startswith("llamalite: error: unknown model preset '7b'") and result.stderr.count("\n") == 1
+    assert "Traceback" not in result.stderr

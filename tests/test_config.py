@@ -1,6 +1,7 @@
 import pytest
 
-from llamalite.config import ConfigError, load_config
+from llamalite.config import load_config
+from llamalite.errors import ConfigError
 
 
 def write(tmp_path, text):
@@ -48,5 +49,5 @@ def test_missing_and_malformed_files(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(write(tmp_path, "a: [1, 2\n"))
-    with pytest.raises(ValueError, match="unknown model preset"):
+    with pytest.raises(ConfigError, match="unknown model preset"):
         load_config(None, ["model.preset=huge"])

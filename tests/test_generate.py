@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from llamalite.cli import main
+from llamalite.errors import ConfigError
 from llamalite.generate import (
     CachedDecoder,
     RecomputeDecoder,
@@ -25,7 +26,8 @@ GREEDY = dict(temperature=0.0)
 
 
 def model_config(vocab_size: int, **overrides) -> ModelConfig:
-    base = ModelConfig(vocab_size=vocab_size, n_layer=2, d_model=32, n_head=4, n_kv_head=2, ffn_hidden=64, max_seq_len=32)
+    base = ModelConfig(vocab_size=vocab_size, n_layer=2, d_model=32, n_head=4, n_kv_head=2, ffn_hidden=64,
+                       max_seq_len=32)
     return dataclasses.replace(base, **overrides)
 
 
@@ -117,7 +119,7 @@ def test_sampling_follows_the_filtered_distribution_and_is_seedable():
 
 def test_invalid_options_are_errors(model):
     for bad in (dict(top_p=0.0), dict(temperature=-1.0), dict(max_new_tokens=-1), dict(stop=("",))):
-        with pytest.raises(ValueError):
+        with pytest.raises(ConfigError):
             generate_ids(model, [[1]], SamplingOptions(**bad))
 
 
@@ -235,7 +237,7 @@ def trained_run(corpus_dir, prepared_dir, tmp_path_factory):
 def test_cli_generate_streams_one_prompt(trained_run, capsys):
     assert main(["generate", str(trained_run), "--prompt", "the king", "--greedy", "--max-new-tokens", "6"]) == 0
     out, err = capsys.readouterr()
-    from llamalite.train.checkpoint import load_for_inference
+    from llamalite.checkpoint.inference import load_for_inference
 
     loaded = load_for_inference(trained_run)
     expected = generate(loaded.model, loaded.tokenizer, ["the king"], SamplingOptions(max_new_tokens=6, **GREEDY))[0]

@@ -6,13 +6,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from llamalite.checkpoint.format import list_checkpoints, write_checkpoint_dir
+from llamalite.checkpoint.inference import load_for_inference
 from llamalite.cli import main
 from llamalite.config import Config, ModelConfig, save_config
 from llamalite.data.sft import Example, make_rows
 from llamalite.model.llama import Llama
-from llamalite.sft import SFTTrainer, answer_prompts, load_sft_model, merge
+from llamalite.sft import SFTTrainer, answer_prompts, merge
 from llamalite.tokenizer import Tokenizer
-from llamalite.train.checkpoint import list_checkpoints, load_for_inference, write_checkpoint_dir
 
 pytest.importorskip("peft")
 
@@ -99,12 +100,13 @@ def test_lora_sft_trains_only_adapters_and_merge_gives_the_same_logits(toy_setup
     assert result.val_losses[-1][1] < result.val_losses[0][1]
     saved = load_file(list_checkpoints(tmp_path / "run" / "checkpoints")[-1] / "model.safetensors")
     base_tensors = load_file(base / "model.safetensors")
-    assert torch.equal(saved["layers.0.self_attn.q_proj.base_layer.weight"], base_tensors["layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(saved["layers.0.self_attn.q_proj.base_layer.weight"],
+                       base_tensors["layers.0.self_attn.q_proj.weight"])
     assert saved["layers.0.self_attn.q_proj.lora_B.default.weight"].abs().sum() > 0
     report = json.loads((tmp_path / "run" / "sft_data.json").read_text())
     assert report["train"] + report["val"] == 400
 
-    _, _, _, adapted, _ = load_sft_model(tmp_path / "run")
+    adapted = load_for_inference(tmp_path / "run").model
     merged_dir = merge(tmp_path / "run", tmp_path / "merged", adapter_out=tmp_path / "adapter")
     merged = load_for_inference(merged_dir)
     tokens = torch.tensor([merged.tokenizer.encode("repeat: red cat\nred cat")])
@@ -157,7 +159,8 @@ def test_resumed_sft_run_continues_exactly(toy_setup, tmp_path, method, packing)
 
     def final(run: str) -> tuple[bytes, dict]:
         checkpoint = list_checkpoints(tmp_path / run / "checkpoints")[-1]
-        return (checkpoint / "model.safetensors").read_bytes(), torch.load(checkpoint / "optimizer.pt", weights_only=True)
+        return ((checkpoint / "model.safetensors").read_bytes(),
+                torch.load(checkpoint / "optimizer.pt", weights_only=True))
 
     (weights_a, optim_a), (weights_b, optim_b) = final("straight"), final("resumed")
     assert weights_a == weights_b
@@ -175,3 +178,17 @@ def test_sft_and_merge_commands(toy_setup, tmp_path):
     assert load_for_inference(tmp_path / "merged").model.config.n_layer == 2
     assert main(["export", str(tmp_path / "merged"), str(tmp_path / "hf")]) == 0
     assert main(["sft", str(config_file), "sft.template=chatm"]) == 2  # unknown template: a one-line error
+
+
+def test_a_damaged_base_checkpoint_is_refused_naming_the_file(toy_setup, tmp_path, capsys):
+    base, data = toy_setup
+    weights = base / "model.safetensors"
+    damaged = bytearray(weights.read_bytes())
+    damaged[-10] ^= 0xFF
+    weights.write_bytes(bytes(damaged))
+    config_file = tmp_path / "sft.yaml"
+    save_config(sft_config(base, data, tmp_path / "run", max_steps=2), config_file)
+    assert main(["sft", str(config_file)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{weights} does not match its checksum" in err
+    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing trained on the damaged weights

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from llamalite.config import TokenizerConfig
-from llamalite.data import DataError
+from llamalite.errors import DataError
 from llamalite.tokenizer import Tokenizer, build_tokenizer
 
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from llamalite.data import DataError
 from llamalite.data.shards import read_shard
+from llamalite.errors import DataError
 
 MANIFEST_FILE = "manifest.json"
 
@@ -49,7 +49,8 @@ class TokenWindows:
         manifest = read_manifest(data_dir)
         splits = manifest.get("splits", {})
         if split not in splits:
-            raise DataError(f"{data_dir} has no {split!r} split (it has {', '.join(splits) or 'none'}): rerun `llamalite prepare CONFIG`")
+            raise DataError(f"{data_dir} has no {split!r} split (it has {', '.join(splits) or 'none'}): "
+                            "rerun `llamalite prepare CONFIG`")
         shards = splits[split]["shards"]
         self.shards = [self._open(shard) for shard in shards]
         windows_per_shard = np.array([max(0, (len(tokens) - 1) // seq_len) for tokens in self.shards], dtype=np.int64)
@@ -160,7 +161,8 @@ class TokenLoader:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key, current in (("split", self.windows.split), ("seq_len", self.seq_len), ("num_windows", self.num_windows)):
+        for key, current in (("split", self.windows.split), ("seq_len", self.seq_len),
+                             ("num_windows", self.num_windows)):
             if state[key] != current:
                 raise DataError(
                     f"loader state was saved with {key}={state[key]!r} but this loader has {current!r}: "
@@ -178,7 +180,8 @@ class TokenLoader:
         self._order = self._epoch_order(self.epoch)
 
 
-def validation_batches(data_dir: str | Path, batch_size: int, seq_len: int, max_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def validation_batches(data_dir: str | Path, batch_size: int, seq_len: int,
+                       max_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """A fixed list of batches from the start of the val split (in order): the same every call.
 
     Only full batches are used, except when the split holds fewer windows than one batch: then a

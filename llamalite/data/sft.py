@@ -17,7 +17,6 @@ reported, never silently dropped.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 from collections import Counter
@@ -30,8 +29,8 @@ import numpy as np
 import torch
 import yaml
 
-from llamalite.config import ChatTemplate, ConfigError, _build
-from llamalite.data import DataError
+from llamalite.config import ChatTemplate, build_section
+from llamalite.errors import ConfigError, DataError, did_you_mean
 
 if TYPE_CHECKING:
     from llamalite.config import Config, SFTConfig
@@ -53,7 +52,7 @@ def _builtin_template_dicts() -> dict[str, dict[str, Any]]:
 
 def builtin_templates() -> dict[str, ChatTemplate]:
     """The templates of chat_templates.yaml: vicuna_v1.1 (the paper's), chatml and plain."""
-    return {name: _build(ChatTemplate, raw, f"{BUILTIN_TEMPLATES_FILE.name}:{name}.")
+    return {name: build_section(ChatTemplate, raw, f"{BUILTIN_TEMPLATES_FILE.name}:{name}.")
             for name, raw in _builtin_template_dicts().items()}
 
 
@@ -61,9 +60,8 @@ def get_template(name: str, extra: dict[str, ChatTemplate] | None = None) -> Cha
     """A template by name: one of `extra` (e.g. a config's sft.templates) first, else a built-in one."""
     templates = {**builtin_templates(), **(extra or {})}
     if name not in templates:
-        close = difflib.get_close_matches(name, list(templates), n=1)
-        hint = f"did you mean {close[0]!r}?" if close else f"choose one of {', '.join(sorted(templates))}"
-        raise ConfigError(f"unknown chat template {name!r}: {hint} (or define it under sft.templates)")
+        raise ConfigError(f"unknown chat template {name!r}: {did_you_mean(name, sorted(templates))} "
+                          "(or define it under sft.templates)")
     return templates[name]
 
 
@@ -78,7 +76,7 @@ def stop_strings(template: ChatTemplate, eos_token: str | None = None) -> list[s
 
 
 # ------------------------------------------------------------------------------------------- conversations
-class MalformedRecord(ValueError):
+class MalformedRecord(DataError):
     """A record that cannot become a training example; str(exc) is the reason, counted in the report."""
 
 
@@ -234,7 +232,8 @@ def read_records(source: str, hf_split: str = "train", max_records: int | None =
             try:
                 records = json.loads(text)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{path} starts like a JSON array but is not valid JSON ({exc}): fix or convert it to JSON Lines") from None
+                raise DataError(f"{path} starts like a JSON array but is not valid JSON ({exc}): "
+                                "fix or convert it to JSON Lines") from None
         else:
             records = []
             for line in text.splitlines():
@@ -245,7 +244,8 @@ def read_records(source: str, hf_split: str = "train", max_records: int | None =
                 except json.JSONDecodeError:
                     malformed["invalid JSON line"] += 1
     elif path.suffix in (".json", ".jsonl") or path.exists() or source.count("/") != 1:
-        raise DataError(f"SFT data not found: {source} (set sft.data to a .json/.jsonl file or a Hugging Face dataset name)")
+        raise DataError(f"SFT data not found: {source} "
+                        "(set sft.data to a .json/.jsonl file or a Hugging Face dataset name)")
     else:
         records = _hf_records(source, hf_split)
     if max_records is not None:
@@ -261,7 +261,8 @@ def _hf_records(name: str, split: str) -> list[dict[str, Any]]:
     try:
         return list(datasets.load_dataset(name, split=split))
     except Exception as exc:  # the hub raises many types; the message is what the user needs
-        raise DataError(f"cannot load the Hugging Face dataset {name} (split {split}): {str(exc).splitlines()[0]}") from None
+        raise DataError(f"cannot load the Hugging Face dataset {name} (split {split}): "
+                        f"{str(exc).splitlines()[0]}") from None
 
 
 def is_validation(record: Any, val_fraction: float) -> bool:
@@ -424,7 +425,8 @@ class SFTLoader:
             raise DataError("the SFT loader got no examples")
         too_long = max(len(e) for e in examples) - 1
         if too_long > seq_len:
-            raise DataError(f"an SFT example has {too_long + 1} tokens, more than seq_len + 1 = {seq_len + 1}: truncate first")
+            raise DataError(f"an SFT example has {too_long + 1} tokens, more than seq_len + 1 = {seq_len + 1}: "
+                            "truncate first")
         self.examples, self.batch_size, self.seq_len, self.pad_id = examples, batch_size, seq_len, pad_id
         self.seed, self.packing, self.shuffle = seed, packing, shuffle
         self.fingerprint = examples_fingerprint(examples)

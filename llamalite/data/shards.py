@@ -9,23 +9,24 @@
     64      ...   tokens
 
 Shards are written atomically (temp file, fsync, rename) and read back as `np.memmap`, so a
-training run maps terabytes without reading them into memory.
+training run maps terabytes without reading them into memory. `ShardWriter` cuts a split's token
+stream into such files, named `<split>_<index:06d>.bin`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import os
-import secrets
+import re
 import struct
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 
-from llamalite.data import DataError
+from llamalite.errors import DataError
+from llamalite.files import atomic_write
 
 MAGIC = b"LLTOKENS"
 VERSION = 1
@@ -33,6 +34,7 @@ HEADER_SIZE = 64
 _HEADER = struct.Struct("<8sIIQ")
 _DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
 UINT16_MAX_VOCAB = 2**16
+SHARD_NAME = re.compile(r"^(train|val)_\d{6}\.bin$")
 
 
 def token_dtype(vocab_size: int, requested: str = "auto") -> type[np.unsignedinteger]:
@@ -96,7 +98,9 @@ def read_shard_header(path: str | Path) -> tuple[int, int]:
     expected = HEADER_SIZE + itemsize * n_tokens
     actual = path.stat().st_size
     if actual != expected:
-        raise DataError(f"{path} is {actual:,} bytes but its header promises {expected:,} (truncated or corrupt): {fix}")
+        raise DataError(
+            f"{path} is {actual:,} bytes but its header promises {expected:,} (truncated or corrupt): {fix}"
+        )
     return itemsize, n_tokens
 
 
@@ -104,46 +108,82 @@ def shard_file_size(n_tokens: int, itemsize: int) -> int:
     return HEADER_SIZE + n_tokens * itemsize
 
 
-def sha256_file(path: str | Path, block_size: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(block_size):
-            digest.update(block)
-    return digest.hexdigest()
+# -- cutting a split's token stream into shards ----------------------------------------------------
 
 
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write a file through `write(f)` so that readers see either the old file or the complete new one."""
-    path = Path(path)
-    with _temp_file_beside(path) as (f, temp_path):
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temp_path, path)
-    _fsync_dir(path.parent)
+@dataclasses.dataclass
+class SplitProgress:
+    """The finished shards of one split and, after each, where the split's document stream stands:
+    (whole documents written, tokens of the next document written), since shards cut documents."""
+
+    shards: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    ends: list[tuple[int, int]] = dataclasses.field(default_factory=list)
 
 
-@contextmanager
-def _temp_file_beside(path: Path) -> Iterator[tuple[BinaryIO, Path]]:
-    # Same folder, so that the rename is atomic (one filesystem); mode 0o666 & ~umask like any new file.
-    temp_path = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f, temp_path
-    except BaseException:
-        temp_path.unlink(missing_ok=True)
-        raise
+def shard_name(split: str, index: int) -> str:
+    return f"{split}_{index:06d}.bin"
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # some platforms cannot open folders; the rename is still atomic there
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+class ShardWriter:
+    """Cuts one split's token stream into files of `shard_tokens` tokens (the last one shorter).
+
+    A writer given the shards kept from an interrupted run continues at the next shard, and drops
+    the tokens of the first document it gets that the last kept shard already holds. `on_shard`
+    is called after each shard is written.
+    """
+
+    def __init__(
+        self,
+        out_dir: Path,
+        split: str,
+        shard_tokens: int,
+        dtype: type[np.unsignedinteger],
+        kept: SplitProgress,
+        on_shard: Callable[[], None],
+    ) -> None:
+        self.out_dir, self.split, self.shard_tokens = out_dir, split, shard_tokens
+        self._buffer = np.empty(shard_tokens, dtype=dtype)  # pages are committed only as they fill
+        self._filled = 0
+        self._on_shard = on_shard
+        self.finished = SplitProgress(list(kept.shards), list(kept.ends))
+        self.documents, self._skip = kept.ends[-1] if kept.ends else (0, 0)
+        self.tokens = sum(shard["tokens"] for shard in kept.shards)
+
+    def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Append whole documents: `tokens` holds [eos] + tokens of each, `lengths` the length of each."""
+        if not len(lengths):
+            return
+        # Where the documents start and end in the split's token stream (the first may be partly written already).
+        bounds = self.tokens - self._skip + np.concatenate([[0], np.cumsum(lengths)])
+        documents_before, position = self.documents, self.tokens
+        tokens, self._skip = tokens[self._skip :], 0
+        self.documents += len(lengths)
+        self.tokens += len(tokens)
+        start = 0
+        while start < len(tokens):
+            take = min(self.shard_tokens - self._filled, len(tokens) - start)
+            self._buffer[self._filled : self._filled + take] = tokens[start : start + take]
+            self._filled += take
+            start += take
+            if self._filled == self.shard_tokens:
+                written = position + start
+                whole = int(np.searchsorted(bounds[1:], written, side="right"))
+                self._flush(end=(documents_before + whole, written - int(bounds[whole])))
+
+    def close(self) -> dict[str, Any]:
+        if self._filled:
+            self._flush(end=(self.documents, 0))
+        return {"documents": self.documents, "tokens": self.tokens, "shards": self.finished.shards}
+
+    def discard(self) -> None:
+        for shard in self.finished.shards:
+            (self.out_dir / shard["file"]).unlink(missing_ok=True)
+        self.finished = SplitProgress()
+
+    def _flush(self, end: tuple[int, int]) -> None:
+        name = shard_name(self.split, len(self.finished.shards))
+        sha256 = write_shard(self.out_dir / name, self._buffer[: self._filled])
+        self.finished.shards.append({"file": name, "tokens": self._filled, "sha256": sha256})
+        self.finished.ends.append(end)
+        self._filled = 0
+        self._on_shard()

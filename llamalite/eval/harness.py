@@ -14,14 +14,16 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from llamalite.errors import EvalError
 from llamalite.eval.tasks import LOGLIKELIHOOD, Example, TaskSpec
 from llamalite.tokenizer import Tokenizer
 
@@ -76,7 +78,9 @@ def _rows(requests: Sequence[tuple[list[int], list[int]]], max_length: int) -> l
         if not continuation:
             raise ValueError(f"request {index} has an empty continuation")
         if len(continuation) > max_length:
-            raise ValueError(f"a continuation of {len(continuation)} tokens exceeds the model's context {max_length}")
+            raise EvalError(f"a continuation of {len(continuation)} tokens exceeds the model's context "
+                            f"of {max_length}: "
+                            "evaluate this task with a model of a longer context (model.max_seq_len)")
         window = (context + continuation)[-(max_length + 1):]  # left truncation, as lm-evaluation-harness does
         rows.append(_Row(index, window[:-1], continuation))
     return rows

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
-from llamalite.data import DataError
+from llamalite.errors import DataError, did_you_mean
 
 MULTIPLE_CHOICE = "multiple_choice"
 LOGLIKELIHOOD = "loglikelihood"
@@ -131,7 +132,8 @@ TASKS: dict[str, TaskSpec] = {
                  ("sentence", "option1", "option2", "answer"), build_winogrande, ("acc",)),
         TaskSpec("boolq", MULTIPLE_CHOICE, ("aps/super_glue", "boolq", "validation"), ("boolq_validation", "boolq"),
                  ("passage", "question"), build_boolq, ("acc",)),
-        TaskSpec("openbookqa", MULTIPLE_CHOICE, ("allenai/openbookqa", "main", "test"), ("openbookqa_test", "openbookqa"),
+        TaskSpec("openbookqa", MULTIPLE_CHOICE, ("allenai/openbookqa", "main", "test"),
+                 ("openbookqa_test", "openbookqa"),
                  ("question_stem", "choices", "answerKey"), build_openbookqa, ("acc", "acc_norm")),
         TaskSpec("lambada_openai", LOGLIKELIHOOD, ("EleutherAI/lambada_openai", "default", "test"),
                  ("lambada_openai_test", "lambada_openai"), ("text",), build_lambada, ("acc", "perplexity")),
@@ -141,11 +143,7 @@ TASKS: dict[str, TaskSpec] = {
 
 def get_task(name: str) -> TaskSpec:
     if name not in TASKS:
-        import difflib
-
-        close = difflib.get_close_matches(name, list(TASKS), n=1)
-        hint = f"did you mean {close[0]!r}?" if close else f"choose from {', '.join(TASKS)}"
-        raise DataError(f"unknown evaluation task {name!r}: {hint}")
+        raise DataError(f"unknown evaluation task {name!r}: {did_you_mean(name, TASKS)}")
     return TASKS[name]
 
 
@@ -249,4 +247,5 @@ def _build_example(spec: TaskSpec, record: Any, where: str, index: int) -> Examp
     try:
         return spec.build(record)
     except (KeyError, ValueError, TypeError, IndexError, AttributeError) as exc:
-        raise DataError(f"{where} record {index} does not fit the {spec.name} schema ({type(exc).__name__}: {exc})") from None
+        raise DataError(f"{where} record {index} does not fit the {spec.name} schema "
+                        f"({type(exc).__name__}: {exc})") from None

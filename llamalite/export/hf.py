@@ -21,11 +21,13 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer as HFTokenizer
 
 from llamalite import __version__
+from llamalite.checkpoint.format import load_model_tensors, model_tensors, write_checkpoint_dir
+from llamalite.checkpoint.inference import load_for_inference
 from llamalite.config import Config
+from llamalite.errors import ExportError
+from llamalite.files import read_jsonl
 from llamalite.model.llama import Llama, ModelConfig
 from llamalite.tokenizer import Tokenizer
-from llamalite.train.checkpoint import load_for_inference, load_model_tensors, model_tensors, write_checkpoint_dir
-from llamalite.train.metrics import read_jsonl
 
 DTYPES = {"fp32": (torch.float32, "float32"), "bf16": (torch.bfloat16, "bfloat16")}
 SINGLE_FILE = "model.safetensors"
@@ -39,10 +41,6 @@ HF_DEFAULTS = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 
-class ExportError(ValueError):
-    """A checkpoint or transformers folder that cannot be converted, worded as one line that names the fix."""
-
-
 # ================================================================================================= export
 def export_checkpoint(
     checkpoint: Path,
@@ -52,16 +50,14 @@ def export_checkpoint(
     shard_size: str = "5GB",
     tokenizer_path: Path | None = None,
 ) -> Path:
-    """Write `checkpoint` (a checkpoint directory, or a run directory: its newest checkpoint) as a transformers folder."""
+    """Write `checkpoint` (a checkpoint directory, or a run directory: its newest checkpoint) as a transformers
+    folder."""
     if dtype not in DTYPES:
         raise ExportError(f"unknown export dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     max_shard_bytes = parse_size(shard_size)
     _check_replaceable(out_dir, marker="config.json", what="an export")
-    loaded = load_for_inference(checkpoint, tokenizer_path)
+    loaded = load_for_inference(checkpoint, tokenizer_path, allow_lora=False)  # LoRA: `llamalite merge` first
     checkpoint, state, tokenizer, model = loaded.path, loaded.state, loaded.tokenizer, loaded.model
-    if any(".lora_" in name for name in model.state_dict()):
-        raise ExportError(f"{checkpoint} holds LoRA adapters: fold them in with `llamalite merge {checkpoint} OUT_DIR`, "
-                          "then export OUT_DIR")
     vocab_size = tokenizer.size if trim_vocab else model.config.vocab_size
     torch_dtype, dtype_name = DTYPES[dtype]
     special = special_tokens(state, tokenizer)
@@ -71,7 +67,8 @@ def export_checkpoint(
     tmp.mkdir(parents=True)
     save_weights(hf_tensors(model, vocab_size, torch_dtype), tmp, max_shard_bytes)
     write_json(tmp / "config.json", hf_config(model.config, vocab_size, dtype_name, special))
-    write_json(tmp / "generation_config.json", {key: special[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")})
+    write_json(tmp / "generation_config.json",
+               {key: special[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")})
     tokenizer.save(tmp / "tokenizer.json")
     write_json(tmp / "tokenizer_config.json", tokenizer_config(special, model.config.max_seq_len, state["config"]))
     (tmp / "README.md").write_text(model_card(checkpoint, state, model, vocab_size, dtype_name))
@@ -81,7 +78,8 @@ def export_checkpoint(
 
 
 def special_tokens(state: dict[str, Any], tokenizer: Tokenizer) -> dict[str, Any]:
-    """bos/eos/unk/pad tokens and ids: all the end-of-text token (GPT-2's convention) unless an import recorded others."""
+    """bos/eos/unk/pad tokens and ids: all the end-of-text token (GPT-2's convention) unless an import recorded
+    others."""
     recorded = state.get("special_tokens") or {}
     special: dict[str, Any] = {}
     for name in SPECIAL_TOKENS:
@@ -123,7 +121,8 @@ def save_weights(tensors: dict[str, torch.Tensor], out_dir: Path, max_shard_byte
         save_file(shard, out_dir / filename, metadata=metadata)
         weight_map.update(dict.fromkeys(shard, filename))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
-    write_json(out_dir / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+    write_json(out_dir / INDEX_FILE,
+               {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
 
 
 def parse_size(text: str) -> int:
@@ -212,7 +211,8 @@ def origin(state: dict[str, Any]) -> str:
 
 
 def final_val_loss(run_dir: Path | None, step: int) -> str:
-    rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "val/loss" in r and r["step"] <= step] if run_dir else []
+    rows = [r for r in read_jsonl(run_dir / "metrics.jsonl")
+            if "val/loss" in r and r["step"] <= step] if run_dir else []
     return f"{rows[-1]['val/loss']:.4f} (step {rows[-1]['step']:,})" if rows else "none recorded"
 
 
@@ -335,7 +335,8 @@ def checked_tensors(model: Llama, tensors: dict[str, torch.Tensor]) -> dict[str,
                           "check that config.json belongs to these safetensors files")
     for name, tensor in expected.items():
         if tensors[name].shape != tensor.shape:
-            raise ExportError(f"{name} has shape {tuple(tensors[name].shape)} but the config implies {tuple(tensor.shape)}: "
+            raise ExportError(f"{name} has shape {tuple(tensors[name].shape)} "
+                              f"but the config implies {tuple(tensor.shape)}: "
                               "check that config.json belongs to these safetensors files")
     return {name: tensors[name] for name in expected}
 
@@ -362,7 +363,8 @@ def hf_special_tokens(hf_dir: Path, hf: dict[str, Any], tokenizer_file: Path) ->
 
 # ================================================================================================= helpers
 def _check_replaceable(out_dir: Path, marker: str, what: str) -> None:
-    """An output directory may be new, empty, or a previous output (holds `marker`); anything else is not overwritten."""
+    """An output directory may be new, empty, or a previous output (holds `marker`); anything else is not
+    overwritten."""
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / marker).exists():
         raise ExportError(f"{out_dir} exists and is not {what}: choose a new directory or empty it")
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llamalite.errors import ConfigError
 from llamalite.model.kv_cache import KVCache
 
 
@@ -47,7 +48,7 @@ class ModelConfig:
         if self.n_head % self.n_kv_head:
             problems.append(f"n_head {self.n_head} is not a multiple of n_kv_head {self.n_kv_head}")
         if problems:
-            raise ValueError("invalid model config: " + "; ".join(problems))
+            raise ConfigError("invalid model config: " + "; ".join(problems))
 
 
 class RMSNorm(nn.Module):
@@ -187,10 +188,16 @@ class Llama(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.init_rope()
+        if not self.embed_tokens.weight.is_meta:  # a model built on the meta device waits for loaded weights
+            self.reset_parameters()
+
+    def init_rope(self) -> None:
+        """Build the RoPE tables (buffers, never saved): at construction, and again for a model that was built on
+        the meta device to receive loaded weights."""
+        cos, sin = rope_tables(self.config.head_dim, self.config.max_seq_len, self.config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.reset_parameters()
 
     def reset_parameters(self) -> None:
         std = self.config.init_std

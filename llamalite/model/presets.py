@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from llamalite.errors import ConfigError, did_you_mean
 from llamalite.model.llama import ModelConfig
 
 PRESETS: dict[str, ModelConfig] = {
@@ -27,7 +28,7 @@ PRESETS: dict[str, ModelConfig] = {
 
 def get_preset(name: str) -> ModelConfig:
     if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}: choose one of {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown model preset {name!r}: {did_you_mean(name, PRESETS)}")
     return dataclasses.replace(PRESETS[name], preset=name)
 
 

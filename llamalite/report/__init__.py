@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from llamalite.report.runs import ReportError, Run, load_runs
+from llamalite.errors import ReportError
+from llamalite.report.runs import Run, load_runs
 
 __all__ = ["ReportError", "build_report", "default_out_dir"]
 

@@ -47,7 +47,8 @@ def event_rows(runs: list[Run]) -> list[list[Any]]:
 
 
 def sample_rows(runs: list[Run]) -> list[list[Any]]:
-    return [[run.label, s["step"], s["tokens"], s.get("prompt"), s.get("completion")] for run in runs for s in run.samples]
+    return [[run.label, s["step"], s["tokens"], s.get("prompt"), s.get("completion")]
+            for run in runs for s in run.samples]
 
 
 def summary_rows(runs: list[Run]) -> list[list[Any]]:

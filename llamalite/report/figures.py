@@ -138,7 +138,8 @@ def loss_figure(runs: list[Run], path: Path) -> Path:
     loss_ax.set_title("Loss against tokens seen")
     lr_ax.set_ylabel("learning rate")
     norm_ax.set_ylabel("grad norm\n(before clipping)")
-    if max((r.get("train/grad_norm") or 0 for run in runs for r in run.train), default=0) > 20 * min_positive_norm(runs):
+    if max((r.get("train/grad_norm") or 0 for run in runs for r in run.train),
+           default=0) > 20 * min_positive_norm(runs):
         norm_ax.set_yscale("log")
     set_tokens_axis(norm_ax, all_tokens(runs))
     add_legend(loss_ax, kinds)

@@ -14,7 +14,8 @@ from llamalite.report.runs import Run, event_detail, summary_row
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 1.5em auto; max-width: 1100px;
        padding: 0 1em; color: #222; line-height: 1.4; }
-h1 { font-size: 1.5em; margin-bottom: 0.2em; } h2 { font-size: 1.2em; margin-top: 1.8em; border-bottom: 1px solid #ddd; }
+h1 { font-size: 1.5em; margin-bottom: 0.2em; } \
+h2 { font-size: 1.2em; margin-top: 1.8em; border-bottom: 1px solid #ddd; }
 .meta { color: #666; font-size: 0.9em; }
 .note { background: #fff8e1; border-left: 4px solid #f0b400; padding: 0.4em 0.8em; margin: 0.8em 0; }
 table { border-collapse: collapse; margin: 0.6em 0; font-size: 0.9em; }
@@ -72,7 +73,8 @@ def summary_section(runs: list[Run]) -> str:
         ) or "no evaluations yet"
         rows.append([escape(row["run"]), escape(row["status"]), f"{row['steps']:,}", fmt_tokens(row["tokens"]),
                      fmt_seconds(row["wall_seconds"]), fmt_number(row["final_train_loss"]), best, scores])
-    header = ["run", "status", "steps", "tokens", "wall time", "final train loss", "best val loss", "final benchmark scores"]
+    header = ["run", "status", "steps", "tokens", "wall time", "final train loss", "best val loss",
+              "final benchmark scores"]
     return "<h2>Summary</h2>" + table(header, rows, classes=dict.fromkeys([2, 3, 4, 5], "num"))
 
 
@@ -93,11 +95,13 @@ def samples_section(runs: list[Run]) -> str:
 
 def samples_table(run: Run) -> str:
     if not run.samples:
-        return "<p>No samples yet: set train.sample_prompts and train.sample_interval to record some during training.</p>"
+        return ("<p>No samples yet: set train.sample_prompts and train.sample_interval "
+                "to record some during training.</p>")
     prompts = list(dict.fromkeys(s.get("prompt", "") for s in run.samples))
     by_step: dict[int, dict[str, Any]] = {}
     for sample in run.samples:
-        by_step.setdefault(sample["step"], {"tokens": sample["tokens"]})[sample.get("prompt", "")] = sample.get("completion", "")
+        by_step.setdefault(sample["step"], {"tokens": sample["tokens"]})[sample.get("prompt", "")] = \
+            sample.get("completion", "")
     header = ["step", "tokens"] + [f"<code>{escape(repr(p))}</code>" for p in prompts]
     rows = [[f"{step:,}", fmt_tokens(entry["tokens"])]
             + [escape(entry.get(p, "")) for p in prompts]
@@ -116,7 +120,8 @@ def events_section(runs: list[Run]) -> str:
                          escape(str(event.get("event"))), escape(event_detail(event))])
     if not rows:
         return "<h2>Events</h2><p>No events recorded.</p>"
-    return "<h2>Events</h2>" + table(["run", "step", "tokens", "time (UTC)", "event", "details"], rows, classes=dict.fromkeys([1, 2], "num"))
+    return "<h2>Events</h2>" + table(["run", "step", "tokens", "time (UTC)", "event", "details"], rows,
+                                     classes=dict.fromkeys([1, 2], "num"))
 
 
 def files_section(runs: list[Run], files: list[Path]) -> str:
@@ -150,7 +155,8 @@ def render_page(runs: list[Run], figures: dict[str, Path], files: list[Path]) ->
         summary_section(runs),
         figure_section("Loss", figures["loss"],
                        "Training loss (solid) and validation loss (dashed, dots) against tokens seen, log scale; the "
-                       "learning rate and the gradient norm before clipping share the axis. Vertical lines mark events."),
+                       "learning rate and the gradient norm before clipping share the axis. "
+                       "Vertical lines mark events."),
         figure_section("Throughput", figures["throughput"],
                        "Tokens per second and model FLOPs utilisation against wall-clock time since each run started; "
                        "gaps are time the run was not running."),

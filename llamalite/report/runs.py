@@ -17,13 +17,11 @@ from typing import Any
 import numpy as np
 import yaml
 
+from llamalite.errors import ReportError
+
 # The checkpoint directory names of llamalite.train.checkpoint, matched here without importing torch.
 CHECKPOINT_NAME = re.compile(r"^step_(\d{7,})$")
 PLOTTED_EVENTS = ("resume", "world_size_change", "optimizer_reset", "skipped_step")
-
-
-class ReportError(ValueError):
-    """A report problem worded for the user (one line naming the problem and the fix)."""
 
 
 @dataclass
@@ -206,7 +204,8 @@ def step_to_tokens(metrics, evals, checkpoints, config: dict[str, Any]):
 
 
 def validation_series(metrics, evals, to_tokens) -> list[dict[str, Any]]:
-    """Validation loss per step from metrics.jsonl (the trainer) and evals.jsonl (llamalite eval); the trainer's wins."""
+    """Validation loss per step from metrics.jsonl (the trainer) and evals.jsonl (llamalite eval); the trainer's
+    wins."""
     by_step: dict[int, dict[str, Any]] = {}
     for record in evals:
         values = record.get("metrics") or {}
@@ -294,7 +293,8 @@ def wall_seconds(run: Run) -> float:
     times = sorted(r["time"] for r in run.train + run.val + run.events if _is_number(r.get("time")))
     if not times:
         return 0.0
-    starts = sorted(e["time"] for e in run.events if e.get("event") in ("start", "resume") and _is_number(e.get("time")))
+    starts = sorted(e["time"] for e in run.events
+                    if e.get("event") in ("start", "resume") and _is_number(e.get("time")))
     bounds = [times[0]] + [s for s in starts if s > times[0]] + [math.inf]
     total = 0.0
     for begin, end in zip(bounds, bounds[1:]):

@@ -1,4 +1,4 @@
-"""Metric writers (JSON Lines + TensorBoard), device peak FLOP/s for MFU."""
+"""Metric writers (JSON Lines + TensorBoard), device peak FLOP/s for MFU, and run-file truncation on resume."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from llamalite.files import JsonlWriter
 
 # Dense bf16 tensor-core peaks (FLOP/s) by substring of torch.cuda.get_device_name().
 GPU_PEAK_BF16_FLOPS = {
@@ -37,19 +39,6 @@ def device_peak_flops(device: torch.device, override: float | None = None) -> fl
         if key in name:
             return flops
     return None
-
-
-class JsonlWriter:
-    def __init__(self, path: Path):
-        self.path = path
-        self._file = open(path, "a", encoding="utf-8")
-
-    def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
 
 
 class MetricsLogger:
@@ -86,20 +75,23 @@ class MetricsLogger:
             self.tb.close()
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The records of a JSON Lines file; a torn last line (a writer killed mid-line, or still writing) is skipped."""
-    if not path.exists():
-        return []
-    with open(path, encoding="utf-8") as f:
-        lines = [line for line in f if line.strip()]
-    records = []
-    for number, line in enumerate(lines):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number != len(lines) - 1:
-                raise
-    return records
+class NullLogger:
+    """The MetricsLogger (and samples writer) of ranks other than 0: they compute everything and write nothing."""
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def scalars(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def event(self, step: int, kind: str, **details: Any) -> None:
+        pass
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def truncate_jsonl_after(path: Path, step: int) -> None:

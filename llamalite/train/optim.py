@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from llamalite.config import OptimConfig
+from llamalite.errors import ConfigError
 
 SCHEDULES = ("cosine", "wsd", "constant")
 
@@ -38,7 +39,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> tor
 def learning_rate(step: int, cfg: OptimConfig, max_steps: int) -> float:
     """The LR at optimizer step `step` (0-based): a pure function of the step, so resuming never stretches it."""
     if cfg.schedule not in SCHEDULES:
-        raise ValueError(f"unknown optim.schedule {cfg.schedule!r}: choose one of {', '.join(SCHEDULES)}")
+        raise ConfigError(f"unknown optim.schedule {cfg.schedule!r}: choose one of {', '.join(SCHEDULES)}")
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":

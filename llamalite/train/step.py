@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-DTYPES = ("bf16", "fp32")
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -63,11 +60,3 @@ def build_loss_fn(model: nn.Module, compile: bool) -> Callable[[torch.Tensor, to
         return lm_loss(model(tokens), targets)
 
     return torch.compile(loss_fn) if compile else loss_fn
-
-
-def autocast_context(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown train.dtype {dtype!r}: use bf16 or fp32")
-    if dtype == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)

@@ -4,9 +4,8 @@ periodic validation, samples and checkpoints, metrics and a progress bar."""
 from __future__ import annotations
 
 import contextlib
-import json
+import logging
 import math
-import os
 import shutil
 import signal
 import sys
@@ -19,19 +18,11 @@ import torch
 from tqdm.auto import tqdm
 
 from llamalite import __version__
-from llamalite.config import Config, save_config
-from llamalite.data.loader import TokenLoader, read_manifest, validation_batches
-from llamalite.eval.harness import validation_metrics
-from llamalite.eval.runner import EVALS_FILE, BenchmarkSuite, eval_record
-from llamalite.generate import sample
-from llamalite.model.llama import Llama
-from llamalite.model.presets import training_flops_per_token
-from llamalite.tokenizer import Tokenizer
-from llamalite.train import distributed
-from llamalite.train.checkpoint import (
+from llamalite.checkpoint.format import (
     Checkpoint,
     checkpoint_name,
     checkpoint_step,
+    is_sharded,
     list_checkpoints,
     load_checkpoint,
     load_model_tensors,
@@ -40,32 +31,41 @@ from llamalite.train.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from llamalite.train.metrics import JsonlWriter, MetricsLogger, device_peak_flops, truncate_jsonl_after
+from llamalite.checkpoint.sharded import load_full_state, load_sharded, save_sharded_checkpoint
+from llamalite.config import Config, save_config
+from llamalite.data.loader import TokenLoader, read_manifest, validation_batches
+from llamalite.errors import LlamaliteError, TrainError
+from llamalite.eval.harness import validation_metrics
+from llamalite.eval.suite import EVALS_FILE, BenchmarkSuite
+from llamalite.generate import sample
+from llamalite.model.llama import Llama
+from llamalite.model.presets import training_flops_per_token
+from llamalite.runtime import (
+    autocast_context,
+    barrier,
+    broadcast_from_main,
+    configure_device,
+    init_distributed,
+    mean_across_ranks,
+    resolve_device,
+    resolve_dtype,
+)
+from llamalite.tokenizer import Tokenizer
+from llamalite.train import distributed
+from llamalite.train.callbacks import (
+    BenchmarkCallback,
+    Callback,
+    RunContext,
+    SamplesCallback,
+    ValidationCallback,
+)
+from llamalite.train.metrics import MetricsLogger, NullLogger, device_peak_flops, truncate_jsonl_after
 from llamalite.train.optim import build_optimizer, learning_rate, set_learning_rate
 from llamalite.train.stability import StabilityGuard
-from llamalite.train.step import autocast_context, build_loss_fn
+from llamalite.train.step import build_loss_fn
 
+logger = logging.getLogger(__name__)
 RUN_FILES = ("metrics.jsonl", "events.jsonl", "evals.jsonl", "samples.jsonl", "tb", "checkpoints", "report")
-
-
-class TrainError(RuntimeError):
-    """A problem with the run's set-up, worded for the user."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainError(f"train.device={name} but no CUDA GPU is visible: use train.device=cpu or auto")
-    return device
-
-
-def configure_device(device: torch.device) -> None:
-    if device.type == "cuda":
-        if device.index is not None:
-            torch.cuda.set_device(device)
-        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls that autocast leaves
 
 
 def accumulation_steps(batch_tokens: int, micro_batch_size: int, seq_len: int, world_size: int = 1) -> int:
@@ -98,11 +98,12 @@ class Trainer:
         if self.train_cfg.threads:
             torch.set_num_threads(self.train_cfg.threads)
         self.device = resolve_device(self.train_cfg.device)
-        self.dist = distributed.init_distributed(self.device.type)  # rank 0 of 1 without torchrun
+        self.dist = init_distributed(self.device.type)  # rank 0 of 1 without torchrun
         if self.dist.active and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
         self.parallel = distributed.resolve_parallel(self.train_cfg.parallel, self.dist.world_size)
         configure_device(self.device)
+        self.dtype = resolve_dtype(self.train_cfg.dtype, self.device)  # bf16 | fp32
         torch.manual_seed(self.train_cfg.seed)
 
         self.data_dir = Path(config.data.out_dir)
@@ -111,16 +112,21 @@ class Trainer:
         self.seq_len = self.train_cfg.seq_len or config.model.max_seq_len
         if self.seq_len > config.model.max_seq_len:
             raise TrainError(f"train.seq_len {self.seq_len} exceeds model.max_seq_len {config.model.max_seq_len}")
-        self.accum_steps = accumulation_steps(self.train_cfg.batch_tokens, self.train_cfg.micro_batch_size, self.seq_len,
-                                              self.dist.world_size)
+        self.accum_steps = accumulation_steps(self.train_cfg.batch_tokens, self.train_cfg.micro_batch_size,
+                                              self.seq_len, self.dist.world_size)
 
         self.model = self.build_model().to(self.device)
         self.loss_fn, self.sync_module = self._parallelize()
         self.optimizer = build_optimizer(self.model, config.optim, self.device.type)  # after FSDP made params DTensors
         self.loader, self.val_batches = self.build_data()
         self.token_byte_lengths = self.tokenizer.token_byte_lengths()  # for val/bits_per_byte
-        self.benchmarks = (BenchmarkSuite(config.eval, self.tokenizer)
-                           if config.eval.tasks and config.eval.interval > 0 else None)
+        self.validation = ValidationCallback(self.train_cfg.eval_interval)
+        self.samples = SamplesCallback(self.train_cfg.sample_interval if self.train_cfg.sample_prompts else 0)
+        self.callbacks: list[Callback] = [self.validation]
+        if config.eval.tasks and config.eval.interval > 0:  # tasks read and tokenized now: problems surface at once
+            suite = BenchmarkSuite(config.eval, self.tokenizer)
+            self.callbacks.append(BenchmarkCallback(suite, config.eval.interval, config.eval.limit))
+        self.callbacks.append(self.samples)
         self.flops_per_token = training_flops_per_token(config.model, self.seq_len)
         self.peak_flops = device_peak_flops(self.device, self.train_cfg.peak_flops)
         self.guard = StabilityGuard(self.train_cfg.spike_zscore, self.train_cfg.spike_window,
@@ -131,6 +137,9 @@ class Trainer:
         self._stop_signal: int | None = None
         self.skip_reason: str | None = None  # why the stability guard skipped the last update, if it did
         self._first_step = 0  # the step this invocation started from (for the ETA)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return autocast_context(self.device, self.dtype)
 
     # Hooks that fine-tuning (llamalite/sft.py) overrides to bring its base model, tokenizer and data.
     def build_tokenizer(self) -> Tokenizer:
@@ -169,7 +178,7 @@ class Trainer:
         if (self.parallel == "none" and cfg.activation_checkpointing == "none" and cfg.loss_chunk_tokens <= 0
                 and cfg.compile_scope == "loss"):
             return build_loss_fn(self.model, cfg.compile), None
-        return distributed.parallelize(self.model, self.parallel, self.device, cfg.dtype, cfg.activation_checkpointing,
+        return distributed.parallelize(self.model, self.parallel, self.device, self.dtype, cfg.activation_checkpointing,
                                        cfg.compile, cfg.compile_scope, cfg.loss_chunk_tokens)
 
     def _resolve_vocab(self) -> None:
@@ -195,9 +204,9 @@ class Trainer:
             try:
                 run_dir, checkpoint, corrupt = self._prepare_run_dir()
                 found = (checkpoint.path if checkpoint else None, corrupt)
-            except (TrainError, ValueError) as exc:
+            except LlamaliteError as exc:
                 problem = exc
-        found, problem = distributed.broadcast_from_main((found, problem))
+        found, problem = broadcast_from_main((found, problem))
         if problem is not None:
             raise problem
         path, corrupt = found
@@ -214,9 +223,10 @@ class Trainer:
                 path = run_dir / entry
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         elif holds_run:
-            checkpoint = newest_valid_checkpoint(run_dir / "checkpoints", on_corrupt=lambda p, why: corrupt.append((p, why)))
+            checkpoint = newest_valid_checkpoint(run_dir / "checkpoints",
+                                                 on_corrupt=lambda p, why: corrupt.append((p, why)))
             for path, why in corrupt:
-                print(f"checkpoint {path.name} is unusable ({why}): trying the previous one", file=sys.stderr)
+                logger.warning(f"checkpoint {path.name} is unusable ({why}): trying the previous one")
             if checkpoint is None:
                 raise TrainError(
                     f"{run_dir} holds a run but no valid checkpoint to resume from: pick another name (name=...) "
@@ -228,7 +238,7 @@ class Trainer:
         save_config(self.config, run_dir / "config.yaml")
         return run_dir, checkpoint, corrupt
 
-    def _resume(self, checkpoint: Checkpoint, run_dir: Path, logger: MetricsLogger) -> None:
+    def _resume(self, checkpoint: Checkpoint, run_dir: Path, metrics: MetricsLogger | NullLogger) -> None:
         state = checkpoint.state
         self._check_same_model(checkpoint)
         self._load_model_state(checkpoint)
@@ -244,50 +254,48 @@ class Trainer:
         self.rewarmup_from = state.get("rewarmup_from")
         if self.train_cfg.reset_optimizer:
             self.rewarmup_from = self.step
-            logger.event(self.step, "optimizer_reset", checkpoint=checkpoint.path.name,
-                         had_optimizer_state=self._has_optimizer_state(checkpoint),
-                         rewarmup_steps=self.train_cfg.rewarmup_steps)
+            metrics.event(self.step, "optimizer_reset", checkpoint=checkpoint.path.name,
+                          had_optimizer_state=self._has_optimizer_state(checkpoint),
+                          rewarmup_steps=self.train_cfg.rewarmup_steps)
         else:
             self._load_optimizer_state(checkpoint)
         if checkpoint.rng is not None:
             restore_rng_state(checkpoint.rng)
         saved_world_size = state.get("world_size", 1)
-        logger.event(self.step, "resume", checkpoint=checkpoint.path.name, tokens_seen=self.tokens_seen,
-                     world_size=self.dist.world_size, saved_world_size=saved_world_size)
+        metrics.event(self.step, "resume", checkpoint=checkpoint.path.name, tokens_seen=self.tokens_seen,
+                      world_size=self.dist.world_size, saved_world_size=saved_world_size)
         if saved_world_size != self.dist.world_size:
             # The loader's position is global and batch_tokens fixed: only the accumulation steps change.
-            logger.event(self.step, "world_size_change", previous_world_size=saved_world_size,
-                         world_size=self.dist.world_size, accumulation_steps=self.accum_steps, parallel=self.parallel)
-            print(f"world size {saved_world_size} -> {self.dist.world_size}: same global batch of "
-                  f"{self.train_cfg.batch_tokens:,} tokens with {self.accum_steps} accumulation steps")
-        print(f"resuming {run_dir} from {checkpoint.path.name} (step {self.step:,}, {self.tokens_seen:,} tokens)")
+            metrics.event(self.step, "world_size_change", previous_world_size=saved_world_size,
+                          world_size=self.dist.world_size, accumulation_steps=self.accum_steps, parallel=self.parallel)
+            logger.info(f"world size {saved_world_size} -> {self.dist.world_size}: same global batch of "
+                        f"{self.train_cfg.batch_tokens:,} tokens with {self.accum_steps} accumulation steps")
+        logger.info(f"resuming {run_dir} from {checkpoint.path.name} (step {self.step:,}, {self.tokens_seen:,} tokens)")
 
     def _has_optimizer_state(self, checkpoint: Checkpoint) -> bool:
-        return checkpoint.optimizer is not None or distributed.is_sharded(checkpoint.path)
+        return checkpoint.optimizer is not None or is_sharded(checkpoint.path)
 
     def _load_model_state(self, checkpoint: Checkpoint) -> None:
-        if distributed.is_sharded(checkpoint.path):
-            distributed.load_sharded(checkpoint.path, self.model, None)
+        if is_sharded(checkpoint.path):
+            load_sharded(checkpoint.path, self.model, None)
         elif self.parallel == "fsdp":
-            tensors = dict(checkpoint.model)
-            if self.config.model.tie_embeddings:
-                tensors["lm_head.weight"] = tensors["embed_tokens.weight"]
-            distributed.load_full_state(self.model, None, tensors, None)
+            load_full_state(self.model, None, checkpoint.model, None)
         else:
             load_model_tensors(self.model, checkpoint.model)
 
     def _load_optimizer_state(self, checkpoint: Checkpoint) -> None:
-        if distributed.is_sharded(checkpoint.path):
-            distributed.load_sharded(checkpoint.path, self.model, self.optimizer, load_model=False)
+        if is_sharded(checkpoint.path):
+            load_sharded(checkpoint.path, self.model, self.optimizer, load_model=False)
         elif self.parallel == "fsdp":
-            distributed.load_full_state(self.model, self.optimizer, None, checkpoint.optimizer)
+            load_full_state(self.model, self.optimizer, None, checkpoint.optimizer)
         else:
             self.optimizer.load_state_dict(checkpoint.optimizer)
 
     def _check_same_model(self, checkpoint: Checkpoint) -> None:
         saved = checkpoint.state["config"]["model"]
         current = self.config.to_dict()["model"]
-        differences = [f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in current if k != "preset" and saved.get(k) != current[k]]
+        differences = [f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in current
+                       if k != "preset" and saved.get(k) != current[k]]
         if differences:
             raise TrainError(
                 f"the config's model differs from the checkpoint's ({'; '.join(differences)}): "
@@ -319,12 +327,12 @@ class Trainer:
             batch = self.loader.next_batch()
             # Gradients are reduced across ranks on the last micro step only.
             with distributed.gradient_sync(self.sync_module, self.parallel, index == self.accum_steps - 1):
-                with autocast_context(self.device, self.train_cfg.dtype):
+                with self.autocast():
                     loss = self.micro_batch_loss(batch) / self.accum_steps
                 loss.backward()
             total_loss += loss.detach()
         grad_norm = self._clip_gradients()
-        loss_value = float(distributed.mean_across_ranks(total_loss))
+        loss_value = float(mean_across_ranks(total_loss))
         self.skip_reason = self.guard.check(loss_value, grad_norm)
         if self.skip_reason is None:
             self.optimizer.step()
@@ -341,15 +349,14 @@ class Trainer:
     def validation_metrics(self) -> dict[str, float]:
         """val/loss, val/perplexity and val/bits_per_byte on the fixed held-out batches."""
         self.model.eval()
-        return validation_metrics(self.model, self.val_batches, self.token_byte_lengths, self.device,
-                                  autocast_context(self.device, self.train_cfg.dtype))
+        return validation_metrics(self.model, self.val_batches, self.token_byte_lengths, self.device, self.autocast())
 
     def generate_samples(self) -> list[dict[str, Any]]:
         self.model.eval()
         generator = torch.Generator().manual_seed(self.train_cfg.seed)  # never touches the training RNG
         records = []
         for prompt in self.train_cfg.sample_prompts:
-            with autocast_context(self.device, self.train_cfg.dtype):
+            with self.autocast():
                 new = sample(
                     self.model,
                     self.tokenizer.encode(prompt) or [self.tokenizer.eos_id],
@@ -377,15 +384,14 @@ class Trainer:
         }
         checkpoints_dir = run_dir / "checkpoints"
         if self.parallel == "fsdp":  # every rank writes its shards (DCP); rank 0 completes the directory
-            path = distributed.save_sharded_checkpoint(checkpoints_dir, self.step, self.model, self.optimizer, state,
-                                                       self.dist)
+            path = save_sharded_checkpoint(checkpoints_dir, self.step, self.model, self.optimizer, state)
         elif self.dist.is_main:  # replicated state: rank 0 alone writes it
             path = save_checkpoint(checkpoints_dir, self.step, self.model, self.optimizer, state)
         else:
             path = checkpoints_dir / checkpoint_name(self.step)
         if self.dist.is_main:
             prune_checkpoints(checkpoints_dir, self.train_cfg.keep_checkpoints, self.train_cfg.milestone_interval)
-        distributed.barrier()  # no rank runs ahead (or exits) before the checkpoint is complete
+        barrier()  # no rank runs ahead (or exits) before the checkpoint is complete
         return path
 
     @contextlib.contextmanager
@@ -408,24 +414,22 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------- loop
     def fit(self) -> TrainResult:
-        if not self.dist.is_main:  # the other ranks compute everything, and print and write nothing
-            with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
-                return self._fit()
-        return self._fit()
+        """Train to train.max_steps (or a stop), resuming the run directory's newest valid checkpoint if it has one.
 
-    def _fit(self) -> TrainResult:
+        Every rank computes everything; only rank 0 writes run files (the others log nothing either)."""
         run_dir, checkpoint, corrupt = self._open_run_dir()
         cfg = self.train_cfg
-        logger = MetricsLogger(run_dir) if self.dist.is_main else distributed.NullLogger()
+        metrics = MetricsLogger(run_dir) if self.dist.is_main else NullLogger()
         for path, why in corrupt:
-            logger.event(checkpoint_step(path), "checkpoint_corrupted", checkpoint=path.name, reason=why)
+            metrics.event(checkpoint_step(path), "checkpoint_corrupted", checkpoint=path.name, reason=why)
         if checkpoint is not None:
-            self._resume(checkpoint, run_dir, logger)
+            self._resume(checkpoint, run_dir, metrics)
         else:
-            logger.event(0, "start", world_size=self.dist.world_size, parallel=self.parallel, device=str(self.device),
+            metrics.event(0, "start", world_size=self.dist.world_size, parallel=self.parallel, device=str(self.device),
                          parameters=sum(p.numel() for p in self.model.parameters()),  # global numel under FSDP too
-                         accumulation_steps=self.accum_steps, compile=cfg.compile, dtype=cfg.dtype)
-        samples_file = JsonlWriter(run_dir / "samples.jsonl") if self.dist.is_main else distributed.NullLogger()
+                         accumulation_steps=self.accum_steps, compile=cfg.compile, dtype=self.dtype)
+        for callback in self.callbacks:
+            callback.start(RunContext(run_dir, metrics, self.dist.is_main))
         result = TrainResult(run_dir=run_dir, steps=0, tokens=0)
         # A live bar on a terminal; plain log lines in files and CI logs, where a bar would be noise.
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step",
@@ -436,19 +440,20 @@ class Trainer:
         try:
             with self._stop_on_signals():
                 if checkpoint is None:
-                    self._maybe_evaluate(logger, samples_file, result, bar, force=True)
-                train_time, train_tokens = self._train_loop(run_dir, logger, samples_file, result, bar, run_started)
+                    self._run_callbacks(force=True)
+                train_time, train_tokens = self._train_loop(run_dir, metrics, result, bar, run_started)
         finally:
             bar.close()
-            logger.close()
-            samples_file.close()
+            metrics.close()
+            for callback in self.callbacks:
+                callback.close()
         result.steps, result.tokens = self.step, self.tokens_seen
+        result.val_losses, result.samples = self.validation.history, self.samples.records
         result.tokens_per_s = train_tokens / train_time if train_time else 0.0
         return result
 
     def _train_loop(
-        self, run_dir: Path, logger: MetricsLogger, samples_file: JsonlWriter, result: TrainResult, bar: tqdm,
-        run_started: float,
+        self, run_dir: Path, metrics: MetricsLogger | NullLogger, result: TrainResult, bar: tqdm, run_started: float,
     ) -> tuple[float, int]:
         """Steps until max_steps or a stop signal. Returns (seconds spent in training steps, tokens they consumed)."""
         cfg = self.train_cfg
@@ -464,24 +469,23 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{cfg.batch_tokens / elapsed:,.0f}")
             if self.skip_reason is not None:
-                self._record_skip(run_dir, logger, result, loss)
+                self._record_skip(run_dir, metrics, result, loss)
             if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
-                logger.log(self.step, self._train_metrics(loss, grad_norm, cfg.batch_tokens / elapsed))
+                metrics.log(self.step, self._train_metrics(loss, grad_norm, cfg.batch_tokens / elapsed))
                 if cfg.progress and bar.disable:
-                    print(self._progress_line(loss, cfg.batch_tokens / elapsed, time.perf_counter() - run_started),
-                          flush=True)
+                    logger.info(self._progress_line(loss, cfg.batch_tokens / elapsed,
+                                                    time.perf_counter() - run_started))
             last = self.step == cfg.max_steps
-            self._maybe_evaluate(logger, samples_file, result, bar, force=last)
+            self._run_callbacks(force=last)
             if cfg.stop_at_step is not None and self.step >= cfg.stop_at_step and not last:
                 result.checkpoint = self.save(run_dir)
-                logger.event(self.step, "stopped", reason="train.stop_at_step", checkpoint=result.checkpoint.name)
+                metrics.event(self.step, "stopped", reason="train.stop_at_step", checkpoint=result.checkpoint.name)
                 break
             if self._stop_requested():
                 result.checkpoint = self.save(run_dir)
                 name = signal.Signals(self._stop_signal).name
-                logger.event(self.step, "stopped", signal=name, checkpoint=result.checkpoint.name)
-                bar.write(f"{name}: saved {result.checkpoint} and stopped; run the same command again to resume",
-                          file=sys.stdout)
+                metrics.event(self.step, "stopped", signal=name, checkpoint=result.checkpoint.name)
+                logger.info(f"{name}: saved {result.checkpoint} and stopped; run the same command again to resume")
                 result.stopped_by = name
                 break
             if last or (cfg.save_interval and self.step % cfg.save_interval == 0):
@@ -497,8 +501,9 @@ class Trainer:
         self._stop_signal = int(signum) or None
         return self._stop_signal is not None
 
-    def _record_skip(self, run_dir: Path, logger: MetricsLogger, result: TrainResult, loss: float) -> None:
-        logger.event(self.step, "skipped_step", reason=self.skip_reason, loss=loss,
+    def _record_skip(self, run_dir: Path, metrics: MetricsLogger | NullLogger, result: TrainResult,
+                     loss: float) -> None:
+        metrics.event(self.step, "skipped_step", reason=self.skip_reason, loss=loss,
                      consecutive=self.guard.consecutive_skips)
         if self.guard.exhausted:
             result.checkpoint = self.save(run_dir)
@@ -530,36 +535,6 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(self.device)
         return metrics
 
-    def _run_benchmarks(self, logger: MetricsLogger, bar: tqdm) -> None:
-        """Score the configured benchmarks; one evals.jsonl record and TensorBoard scalars with the step and tokens."""
-        started = time.perf_counter()
-        self.model.eval()
-        results = self.benchmarks.run(self.model, self.config.model.max_seq_len, self.device,
-                                      autocast_context(self.device, self.train_cfg.dtype))
-        seconds = time.perf_counter() - started
-        record = eval_record(self.step, self.tokens_seen, seconds, "train", results, limit=self.config.eval.limit)
-        if self.dist.is_main:
-            with open(logger.jsonl.path.parent / EVALS_FILE, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-        logger.scalars(self.step, {**record["metrics"], "eval/seconds": seconds, "eval/tokens": self.tokens_seen})
-        summary = "  ".join(f"{name} {r.metrics['acc']:.3f}" for name, r in results.items())
-        bar.write(f"step {self.step:>6}  {summary}  ({seconds:.1f}s)", file=sys.stdout)
-
-    def _maybe_evaluate(
-        self, logger: MetricsLogger, samples_file: JsonlWriter, result: TrainResult, bar: tqdm, force: bool
-    ) -> None:
-        cfg = self.train_cfg
-        if cfg.eval_interval > 0 and (force or self.step % cfg.eval_interval == 0):
-            started = time.perf_counter()
-            val = self.validation_metrics()
-            seconds = time.perf_counter() - started
-            logger.log(self.step, {**val, "train/tokens": self.tokens_seen, "val/seconds": seconds})
-            result.val_losses.append((self.step, val["val/loss"]))
-            bar.write(f"step {self.step:>6}  val/loss {val['val/loss']:.4f}  ({seconds:.1f}s)", file=sys.stdout)
-        if self.benchmarks is not None and (force or self.step % self.config.eval.interval == 0):
-            self._run_benchmarks(logger, bar)
-        wants_samples = cfg.sample_prompts and cfg.sample_interval > 0
-        if wants_samples and (force or self.step % cfg.sample_interval == 0):
-            for record in self.generate_samples():
-                samples_file.write(record)
-                result.samples.append(record)
+    def _run_callbacks(self, force: bool) -> None:
+        for callback in self.callbacks:
+            callback.maybe_run(self, force)

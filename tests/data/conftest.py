@@ -10,7 +10,9 @@ import pytest
 
 from llamalite.config import Config, DataConfig, SourceConfig, TokenizerConfig
 
-WORDS = "the a of and to in is was he she it they cat dog river stone light night sea king queen über café naïve 東京 ♥".split()
+WORDS = (
+    "the a of and to in is was he she it they cat dog river stone light night sea king queen über café naïve 東京 ♥"
+).split()
 
 
 def synthetic_documents(count: int, seed: int = 0, words: int = 40) -> list[str]:
@@ -29,7 +31,8 @@ def make_config(tmp_path: Path) -> Callable[..., Config]:
     """A config with a small trained tokenizer, in-process tokenization and out_dir under tmp_path."""
 
     def make(sources: list[SourceConfig], **data_overrides) -> Config:
-        data = DataConfig(sources=sources, out_dir=str(tmp_path / "prepared"), val_fraction=0.2, num_workers=1, shard_tokens=4096)
+        out_dir = str(tmp_path / "prepared")
+        data = DataConfig(sources=sources, out_dir=out_dir, val_fraction=0.2, num_workers=1, shard_tokens=4096)
         for key, value in data_overrides.items():
             setattr(data, key, value)
         return Config(data=data, tokenizer=TokenizerConfig(vocab_size=320))

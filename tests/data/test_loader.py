@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from llamalite.config import SourceConfig
-from llamalite.data import DataError
 from llamalite.data.loader import TokenLoader, read_manifest, validation_batches
 from llamalite.data.prepare import prepare, write_manifest
 from llamalite.data.shards import write_shard
+from llamalite.errors import DataError
 
 SEQ_LEN = 8
 SHARD_OFFSET = 1_000_000  # shard k holds k*SHARD_OFFSET + 0, 1, 2, ...: every token tells where it came from
@@ -89,7 +89,10 @@ def test_same_seed_same_batches_other_seed_other_batches(data_dir: Path) -> None
 def test_ranks_are_disjoint_and_cover_the_global_batch(data_dir: Path, world_size: int) -> None:
     batch_size = 4
     single = TokenLoader(data_dir, "train", batch_size=batch_size * world_size, seq_len=SEQ_LEN, seed=5)
-    ranks = [TokenLoader(data_dir, "train", batch_size, SEQ_LEN, seed=5, rank=r, world_size=world_size) for r in range(world_size)]
+    ranks = [
+        TokenLoader(data_dir, "train", batch_size, SEQ_LEN, seed=5, rank=r, world_size=world_size)
+        for r in range(world_size)
+    ]
     straddling_steps = 0
     for _ in range(30):  # several epochs at world_size 3
         epoch_before = ranks[0].epoch
@@ -113,7 +116,8 @@ def test_state_dict_resumes_exactly(data_dir: Path) -> None:
 
     resumed = TokenLoader(data_dir, "train", batch_size=7, seq_len=SEQ_LEN, seed=0)  # the seed comes from the state
     resumed.load_state_dict(state)
-    for (inputs, targets), (want_inputs, want_targets) in zip([resumed.next_batch() for _ in range(5)], expected):
+    batches = [resumed.next_batch() for _ in range(5)]
+    for (inputs, targets), (want_inputs, want_targets) in zip(batches, expected, strict=True):
         assert torch.equal(inputs, want_inputs) and torch.equal(targets, want_targets)
 
 
@@ -157,7 +161,7 @@ def test_validation_batches_are_fixed_and_in_order(data_dir: Path) -> None:
     second = validation_batches(data_dir, batch_size=2, seq_len=SEQ_LEN, max_batches=10)
     assert len(first) == 2  # 5 windows: two full batches
     assert [first_tokens(x) for x, _ in first] == [[0, 8], [16, 24]]
-    for (x1, y1), (x2, y2) in zip(first, second):
+    for (x1, y1), (x2, y2) in zip(first, second, strict=True):
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
     assert len(validation_batches(data_dir, batch_size=2, seq_len=SEQ_LEN, max_batches=1)) == 1
     (only,) = validation_batches(data_dir, batch_size=16, seq_len=SEQ_LEN, max_batches=4)

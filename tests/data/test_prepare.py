@@ -2,10 +2,11 @@ from __future__ import annotations
 
 import copy
 import gzip
-import io
 import importlib.metadata
 import importlib.util
+import io
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -15,10 +16,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from llamalite.config import SourceConfig
-from llamalite.data import DataError
 from llamalite.data.loader import read_manifest
-from llamalite.data.prepare import _split_stream, prepare
+from llamalite.data.prepare import prepare
 from llamalite.data.shards import read_shard, write_shard
+from llamalite.data.sources import _split_stream
+from llamalite.errors import DataError
 from llamalite.tokenizer import Tokenizer
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
@@ -31,7 +33,7 @@ def split_documents(out_dir: Path, split: str) -> list[str]:
     tokens = np.concatenate([read_shard(out_dir / s["file"]) for s in manifest["splits"][split]["shards"]])
     assert tokens[0] == tokenizer.eos_id, "every document must start with the eos separator"
     starts = np.flatnonzero(tokens == tokenizer.eos_id).tolist() + [len(tokens)]
-    return [tokenizer.decode(tokens[a + 1 : b].tolist()) for a, b in zip(starts, starts[1:])]
+    return [tokenizer.decode(tokens[a + 1 : b].tolist()) for a, b in zip(starts, starts[1:], strict=False)]
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:
@@ -62,7 +64,8 @@ def test_manifest_describes_the_run(text_folder: Path, make_config) -> None:
     config = make_config([SourceConfig(type="text", path=str(text_folder))])
     manifest = prepare(config)
     assert manifest == read_manifest(config.data.out_dir)
-    assert {"format_version", "created", "input_fingerprint", "tokenizer", "dtype", "sources", "filters", "documents", "splits"} <= set(manifest)
+    keys = {"format_version", "created", "input_fingerprint", "tokenizer", "dtype", "sources", "filters", "documents"}
+    assert keys | {"splits"} <= set(manifest)
     tokenizer = manifest["tokenizer"]
     assert tokenizer["file"] == "tokenizer.json"
     assert tokenizer["fingerprint"] == Tokenizer.load(Path(config.data.out_dir) / "tokenizer.json").fingerprint
@@ -125,7 +128,8 @@ def test_jsonl_filters_are_counted(tmp_path: Path, make_config, make_documents) 
 
 def test_dedup_can_be_turned_off(tmp_path: Path, make_config, make_documents) -> None:
     docs = make_documents(30)
-    source = SourceConfig(type="jsonl", path=str(write_jsonl(tmp_path / "c.jsonl.gz", [{"text": d} for d in docs + docs[:5]])))
+    path = write_jsonl(tmp_path / "c.jsonl.gz", [{"text": d} for d in docs + docs[:5]])
+    source = SourceConfig(type="jsonl", path=str(path))
     manifest = prepare(make_config([source], dedup=False))
     assert manifest["documents"]["kept"] == 35
     assert manifest["documents"]["dropped"]["duplicate"] == 0
@@ -138,18 +142,20 @@ def test_parquet_with_min_score(tmp_path: Path, make_config, make_documents) -> 
     folder.mkdir()
     pq.write_table(pa.table({"content": docs[:25], "int_score": scores[:25]}), folder / "a.parquet")
     pq.write_table(pa.table({"content": docs[25:], "int_score": scores[25:]}), folder / "b.parquet")
-    config = make_config([SourceConfig(type="parquet", path=str(folder), text_field="content")], score_field="int_score", min_score=3)
+    source = SourceConfig(type="parquet", path=str(folder), text_field="content")
+    config = make_config([source], score_field="int_score", min_score=3)
     manifest = prepare(config)
     assert manifest["documents"]["dropped"]["low_score"] == 30
     assert manifest["documents"]["kept"] == 20
     out_dir = Path(config.data.out_dir)
     kept = split_documents(out_dir, "train") + split_documents(out_dir, "val")
-    assert sorted(kept) == sorted(d for d, s in zip(docs, scores) if s >= 3)
+    assert sorted(kept) == sorted(d for d, s in zip(docs, scores, strict=True) if s >= 3)
 
 
 def test_several_sources_are_concatenated(tmp_path: Path, text_folder: Path, make_config, make_documents) -> None:
     extra = write_jsonl(tmp_path / "extra.jsonl", [{"text": d} for d in make_documents(10, seed=7)])
-    manifest = prepare(make_config([SourceConfig(type="text", path=str(text_folder)), SourceConfig(type="jsonl", path=str(extra))]))
+    sources = [SourceConfig(type="text", path=str(text_folder)), SourceConfig(type="jsonl", path=str(extra))]
+    manifest = prepare(make_config(sources))
     assert manifest["documents"]["kept"] == 70
 
 
@@ -166,47 +172,51 @@ def test_eos_text_and_lone_surrogates_inside_documents(tmp_path: Path, make_conf
     assert len(train) == 32
 
 
-def test_rerun_reuses_finished_work(text_folder: Path, make_config, capsys) -> None:
+def test_rerun_reuses_finished_work(text_folder: Path, make_config, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="llamalite")
     config = make_config([SourceConfig(type="text", path=str(text_folder))])
     first = prepare(config)
     out_dir = Path(config.data.out_dir)
     mtimes = {p.name: p.stat().st_mtime_ns for p in out_dir.iterdir()}
-    capsys.readouterr()
+    caplog.clear()
 
     second = prepare(config)
-    assert "up to date" in capsys.readouterr().out
+    assert "up to date" in caplog.text
     assert second == first
     assert {p.name: p.stat().st_mtime_ns for p in out_dir.iterdir()} == mtimes
 
 
-def test_changed_settings_rebuild_and_reuse_the_trained_tokenizer(text_folder: Path, make_config, capsys) -> None:
+def test_changed_settings_rebuild_and_reuse_the_trained_tokenizer(text_folder: Path, make_config, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="llamalite")
     config = make_config([SourceConfig(type="text", path=str(text_folder))], shard_tokens=500)
     first = prepare(config)
     out_dir = Path(config.data.out_dir)
-    capsys.readouterr()
+    caplog.clear()
 
     config.data.shard_tokens = 100_000
     second = prepare(config)
-    out = capsys.readouterr().out
+    out = caplog.text
     assert "rebuilding" in out and "reusing" in out
     assert second["tokenizer"]["fingerprint"] == first["tokenizer"]["fingerprint"]
     assert second["splits"]["train"]["tokens"] == first["splits"]["train"]["tokens"]
     assert sorted(p.name for p in out_dir.glob("*.bin")) == ["train_000000.bin", "val_000000.bin"]
 
 
-def test_damaged_output_or_changed_source_rebuilds(text_folder: Path, make_config, capsys, make_documents) -> None:
+def test_damaged_output_or_changed_source_rebuilds(text_folder: Path, make_config, caplog, make_documents) -> None:
+    caplog.set_level(logging.INFO, logger="llamalite")
     config = make_config([SourceConfig(type="text", path=str(text_folder))])
     prepare(config)
     out_dir = Path(config.data.out_dir)
     (out_dir / "val_000000.bin").unlink()
-    capsys.readouterr()
+    caplog.clear()
     prepare(config)
-    assert "val_000000.bin is missing" in capsys.readouterr().out
+    assert "val_000000.bin is missing" in caplog.text
     assert (out_dir / "val_000000.bin").is_file()
+    caplog.clear()
 
     (text_folder / "new.txt").write_text(make_documents(1, seed=99)[0])
     manifest = prepare(config)
-    assert "changed" in capsys.readouterr().out
+    assert "changed" in caplog.text
     assert manifest["documents"]["kept"] == 61
 
 
@@ -229,7 +239,7 @@ def interrupt_after_shards(monkeypatch, count: int) -> None:
         written += 1
         return write_shard(path, tokens)
 
-    monkeypatch.setattr("llamalite.data.prepare.write_shard", write_then_interrupt)
+    monkeypatch.setattr("llamalite.data.shards.write_shard", write_then_interrupt)
 
 
 def interrupted_prepare(config, monkeypatch, shards: int) -> dict:
@@ -259,8 +269,16 @@ def clean_prepare(config, out_dir: Path) -> dict:
 
 @pytest.mark.parametrize(("num_workers", "shard_tokens", "interrupt_after"), [(1, 170, 4), (1, 50, 9), (2, 170, 5)])
 def test_interrupted_run_resumes_from_its_finished_shards(
-    text_folder: Path, make_config, tmp_path: Path, monkeypatch, capsys, num_workers: int, shard_tokens: int, interrupt_after: int
+    text_folder: Path,
+    make_config,
+    tmp_path: Path,
+    monkeypatch,
+    caplog,
+    num_workers: int,
+    shard_tokens: int,
+    interrupt_after: int,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="llamalite")
     source = SourceConfig(type="text", path=str(text_folder))
     config = make_config([source], shard_tokens=shard_tokens, docs_per_chunk=7, num_workers=num_workers)
     clean = clean_prepare(config, tmp_path / "clean")
@@ -269,12 +287,13 @@ def test_interrupted_run_resumes_from_its_finished_shards(
     progress = interrupted_prepare(config, monkeypatch, interrupt_after)
     finished = [shard["file"] for split in ("train", "val") for shard in progress["splits"][split]["shards"]]
     assert len(finished) == interrupt_after
-    assert any(offset > 0 for split in ("train", "val") for _, offset in progress["splits"][split]["ends"]), "shards cut documents"
+    ends = [offset for split in ("train", "val") for _, offset in progress["splits"][split]["ends"]]
+    assert any(offset > 0 for offset in ends), "shards cut documents"
     mtimes = {name: (out_dir / name).stat().st_mtime_ns for name in finished}
-    capsys.readouterr()
+    caplog.clear()
 
     resumed = prepare(config)
-    out = capsys.readouterr().out
+    out = caplog.text
     assert "training" not in out and "reusing" in out
     assert f"keeping {interrupt_after} of {interrupt_after} finished shards" in out
     assert {name: (out_dir / name).stat().st_mtime_ns for name in finished} == mtimes
@@ -284,20 +303,24 @@ def test_interrupted_run_resumes_from_its_finished_shards(
 
 
 def test_interrupted_before_the_first_shard_reuses_the_trained_tokenizer(
-    text_folder: Path, make_config, tmp_path: Path, monkeypatch, capsys
+    text_folder: Path, make_config, tmp_path: Path, monkeypatch, caplog
 ) -> None:
+    caplog.set_level(logging.INFO, logger="llamalite")
     config = make_config([SourceConfig(type="text", path=str(text_folder))], shard_tokens=170)
     progress = interrupted_prepare(config, monkeypatch, 0)
     assert progress["splits"]["train"] == {"shards": [], "ends": []}
-    capsys.readouterr()
+    caplog.clear()
     resumed = prepare(config)
-    out = capsys.readouterr().out
+    out = caplog.text
     assert "training" not in out and "keeping 0 of 0 finished shards" in out
     assert without_timings(resumed) == without_timings(clean_prepare(config, tmp_path / "clean"))
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip a byte"])
-def test_damaged_kept_shard_is_redone_from_there(text_folder: Path, make_config, tmp_path: Path, monkeypatch, capsys, damage: str) -> None:
+def test_damaged_kept_shard_is_redone_from_there(
+    text_folder: Path, make_config, tmp_path: Path, monkeypatch, caplog, damage: str
+) -> None:
+    caplog.set_level(logging.INFO, logger="llamalite")
     config = make_config([SourceConfig(type="text", path=str(text_folder))], shard_tokens=170)
     out_dir = Path(config.data.out_dir)
     progress = interrupted_prepare(config, monkeypatch, 4)
@@ -307,25 +330,27 @@ def test_damaged_kept_shard_is_redone_from_there(text_folder: Path, make_config,
     damaged = out_dir / "train_000001.bin"
     data = damaged.read_bytes()
     damaged.write_bytes(data[:-2] if damage == "truncate" else data[:-1] + bytes([data[-1] ^ 1]))
-    capsys.readouterr()
+    caplog.clear()
 
     resumed = prepare(config)
-    out = capsys.readouterr().out
-    assert f"keeping {len(intact)} of 4 finished shards (train_000001.bin missing or damaged: redoing from there)" in out
+    out = caplog.text
+    redo = "(train_000001.bin missing or damaged: redoing from there)"
+    assert f"keeping {len(intact)} of 4 finished shards {redo}" in out
     assert {name: (out_dir / name).stat().st_mtime_ns for name in intact} == intact
     assert without_timings(resumed) == without_timings(clean_prepare(config, tmp_path / "clean"))
 
 
 def test_changed_inputs_or_a_corrupt_progress_file_start_afresh(
-    text_folder: Path, make_config, tmp_path: Path, monkeypatch, capsys
+    text_folder: Path, make_config, tmp_path: Path, monkeypatch, caplog
 ) -> None:
+    caplog.set_level(logging.INFO, logger="llamalite")
     config = make_config([SourceConfig(type="text", path=str(text_folder))], shard_tokens=170)
     out_dir = Path(config.data.out_dir)
     interrupted_prepare(config, monkeypatch, 4)
     config.data.min_chars = 180  # drops about half of the documents
-    capsys.readouterr()
+    caplog.clear()
     rebuilt = prepare(config)
-    out = capsys.readouterr().out
+    out = caplog.text
     assert "ignoring" in out and "changed since the interrupted run" in out and "keeping" not in out
     assert without_timings(rebuilt) == without_timings(clean_prepare(config, tmp_path / "clean"))
     assert 0 < rebuilt["documents"]["dropped"]["too_short"] < 60
@@ -334,12 +359,14 @@ def test_changed_inputs_or_a_corrupt_progress_file_start_afresh(
     (out_dir / "manifest.json").unlink()
     interrupted_prepare(config, monkeypatch, 2)
     (out_dir / ".prepare_progress.json").write_text('{"splits": ')
-    capsys.readouterr()
+    caplog.clear()
     assert without_timings(prepare(config)) == without_timings(rebuilt)
-    assert "is not a JSON progress record; starting afresh" in capsys.readouterr().out
+    assert "is not a JSON progress record; starting afresh" in caplog.text
 
 
-def test_tokenizer_path_is_used_instead_of_training(text_folder: Path, make_config, tmp_path: Path, make_documents) -> None:
+def test_tokenizer_path_is_used_instead_of_training(
+    text_folder: Path, make_config, tmp_path: Path, make_documents
+) -> None:
     trained = Tokenizer.train(make_documents(20, seed=3), vocab_size=300)
     trained.save(tmp_path / "given.json")
     config = make_config([SourceConfig(type="text", path=str(text_folder))])
@@ -353,7 +380,8 @@ def test_gpt2_tokenizer_on_the_shared_corpus(tmp_path: Path, make_config) -> Non
     gpt2, corpus = SHARED_DATA / "tokenizers" / "gpt2", SHARED_DATA / "corpus" / "tinyshakespeare.txt"
     if not gpt2.is_dir():
         pytest.skip("../shared/data not present")
-    config = make_config([SourceConfig(type="text", path=str(corpus), separator="\n\n", max_docs=300)], val_fraction=0.05)
+    source = SourceConfig(type="text", path=str(corpus), separator="\n\n", max_docs=300)
+    config = make_config([source], val_fraction=0.05)
     config.tokenizer.path = str(gpt2)
     manifest = prepare(config)
     assert manifest["tokenizer"]["eos_id"] == 50256
@@ -412,8 +440,10 @@ def test_hf_source_streams_a_dataset_with_score_filter(tmp_path: Path, make_conf
 
 
 def test_everything_filtered_out(tmp_path: Path, make_config) -> None:
-    source = SourceConfig(type="jsonl", path=str(write_jsonl(tmp_path / "c.jsonl", [{"text": "tiny"}] * 3 + [{"text": "  "}])))
-    with pytest.raises(DataError, match=r"no documents left after filtering 4 \(1 empty, 3 too short, 0 low score, 0 duplicates\): lower data.min_chars"):
+    path = write_jsonl(tmp_path / "c.jsonl", [{"text": "tiny"}] * 3 + [{"text": "  "}])
+    source = SourceConfig(type="jsonl", path=str(path))
+    counts = r"4 \(1 empty, 3 too short, 0 low score, 0 duplicates\)"
+    with pytest.raises(DataError, match=rf"no documents left after filtering {counts}: lower data.min_chars"):
         prepare(make_config([source], min_chars=10))
 
 
@@ -426,14 +456,18 @@ def test_no_documents_at_all(tmp_path: Path, make_config) -> None:
 
 
 def test_empty_validation_split_asks_for_a_larger_fraction(tmp_path: Path, make_config, make_documents) -> None:
-    source = SourceConfig(type="jsonl", path=str(write_jsonl(tmp_path / "c.jsonl", [{"text": d} for d in make_documents(5)])))
+    path = write_jsonl(tmp_path / "c.jsonl", [{"text": d} for d in make_documents(5)])
+    source = SourceConfig(type="jsonl", path=str(path))
     with pytest.raises(DataError, match="raise data.val_fraction"):
         prepare(make_config([source], val_fraction=1e-9))
 
 
-def test_empty_validation_split_is_caught_with_a_given_tokenizer_too(tmp_path: Path, make_config, make_documents) -> None:
+def test_empty_validation_split_is_caught_with_a_given_tokenizer_too(
+    tmp_path: Path, make_config, make_documents
+) -> None:
     Tokenizer.train(make_documents(10), vocab_size=300).save(tmp_path / "tok.json")
-    source = SourceConfig(type="jsonl", path=str(write_jsonl(tmp_path / "c.jsonl", [{"text": d} for d in make_documents(5)])))
+    path = write_jsonl(tmp_path / "c.jsonl", [{"text": d} for d in make_documents(5)])
+    source = SourceConfig(type="jsonl", path=str(path))
     config = make_config([source], val_fraction=1e-9)
     config.tokenizer.path = str(tmp_path / "tok.json")
     with pytest.raises(DataError, match="raise data.val_fraction"):
@@ -453,7 +487,8 @@ def test_missing_score_field(tmp_path: Path, make_config) -> None:
         prepare(make_config([SourceConfig(type="jsonl", path=str(path))], score_field="int_score", min_score=3))
     pq.write_table(pa.table({"text": ["hello"]}), tmp_path / "c.parquet")
     with pytest.raises(DataError, match=r"c\.parquet has no field 'int_score' \(fields: 'text'\)"):
-        prepare(make_config([SourceConfig(type="parquet", path=str(tmp_path / "c.parquet"))], score_field="int_score", min_score=3))
+        source = SourceConfig(type="parquet", path=str(tmp_path / "c.parquet"))
+        prepare(make_config([source], score_field="int_score", min_score=3))
 
 
 def test_invalid_json_line(tmp_path: Path, make_config) -> None:

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from llamalite.config import ChatTemplate, ConfigError, SFTConfig
+from llamalite.config import ChatTemplate, SFTConfig
 from llamalite.data.sft import (
     IGNORE_INDEX,
     Example,
@@ -23,6 +23,7 @@ from llamalite.data.sft import (
     stop_strings,
     truncate_example,
 )
+from llamalite.errors import ConfigError
 from llamalite.tokenizer import Tokenizer
 from tests.conftest import SHARED_DATA
 
@@ -73,8 +74,9 @@ def test_vicuna_prompt_is_fastchats_format():
     template = get_template("vicuna_v1.1")
     text = render_chat([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
                         {"role": "user", "content": "Who are you?"}], template)
-    assert text == ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
-                    "detailed, and polite answers to the user's questions. USER: Hi ASSISTANT: Hello!<|endoftext|>"
+    assert text == ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+                    "helpful, detailed, and polite answers to the user's questions. "
+                    "USER: Hi ASSISTANT: Hello!<|endoftext|>"
                     "USER: Who are you? ASSISTANT:")
     assert stop_strings(template, EOS) == ["USER:", EOS]
     assert render_chat([{"role": "user", "content": "Q"}], get_template("chatml")) == \
@@ -162,7 +164,7 @@ def test_validation_split_is_held_out_by_content(tokenizer):
 def synthetic_examples(count: int, seed: int = 0) -> list[Example]:
     generator = torch.Generator().manual_seed(seed)
     examples = []
-    for i in range(count):
+    for _ in range(count):
         length = int(torch.randint(4, 30, (1,), generator=generator))
         prompt = int(torch.randint(1, length - 1, (1,), generator=generator))
         ids = torch.randint(1, 50, (length,), generator=generator).tolist()

@@ -6,10 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llamalite.data import DataError
-from llamalite.data.prepare import prepare
-from llamalite.data.shards import HEADER_SIZE, read_shard, sha256_file, token_dtype, write_shard
 from llamalite.config import SourceConfig
+from llamalite.data.prepare import prepare
+from llamalite.data.shards import HEADER_SIZE, read_shard, token_dtype, write_shard
+from llamalite.errors import DataError
+from llamalite.files import sha256_file
 
 
 @pytest.mark.parametrize("dtype", [np.uint16, np.uint32])
@@ -67,7 +68,11 @@ def test_truncated_header_is_detected(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "offset, value, message",
-    [(0, b"NOTTOKEN", "not a llamalite token shard"), (8, struct.pack("<I", 9), "version 9"), (12, struct.pack("<I", 3), "3 bytes per token")],
+    [
+        (0, b"NOTTOKEN", "not a llamalite token shard"),
+        (8, struct.pack("<I", 9), "version 9"),
+        (12, struct.pack("<I", 3), "3 bytes per token"),
+    ],
 )
 def test_corrupted_header_is_detected(tmp_path: Path, offset: int, value: bytes, message: str) -> None:
     path = _valid_shard(tmp_path)

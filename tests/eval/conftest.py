@@ -1,10 +1,10 @@
 import torch
 
+from llamalite.checkpoint.format import save_checkpoint
 from llamalite.config import Config, DataConfig
 from llamalite.export.hf import export_checkpoint
 from llamalite.model.llama import Llama, ModelConfig
 from llamalite.tokenizer import Tokenizer
-from llamalite.train.checkpoint import save_checkpoint
 from tests.conftest import SHARED_DATA
 
 GPT2_DIR = SHARED_DATA / "tokenizers" / "gpt2"

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from llamalite.config import EvalConfig
 from llamalite.eval.harness import encode_pair, mean_stderr, score_requests, task_metrics, validation_metrics
-from llamalite.eval.runner import BenchmarkSuite
+from llamalite.eval.suite import BenchmarkSuite
 from llamalite.eval.tasks import TASKS, Example
 from llamalite.model.llama import Llama, ModelConfig
 from llamalite.tokenizer import Tokenizer
@@ -55,7 +55,8 @@ def naive_scores(model, requests, max_length):
 
 def random_requests(count: int, seed: int = 0):
     rng = random.Random(seed)
-    return [([rng.randrange(300) for _ in range(rng.randint(1, 30))], [rng.randrange(300) for _ in range(rng.randint(1, 6))])
+    return [([rng.randrange(300) for _ in range(rng.randint(1, 30))],
+             [rng.randrange(300) for _ in range(rng.randint(1, 6))])
             for _ in range(count)]
 
 

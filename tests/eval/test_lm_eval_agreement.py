@@ -13,7 +13,7 @@ import torch
 
 from llamalite.config import EvalConfig
 from llamalite.eval.harness import score_requests, task_metrics
-from llamalite.eval.runner import BenchmarkSuite
+from llamalite.eval.suite import BenchmarkSuite
 from llamalite.tokenizer import Tokenizer
 from tests.conftest import SHARED_DATA
 from tests.eval.conftest import export_random_model
@@ -104,7 +104,8 @@ def run_lm_eval(hf_dir, task_dir):
     output = simple_evaluate(model="hf", model_args=f"pretrained={hf_dir},dtype=float32", device="cpu",
                              tasks=[f"local_{t}" for t in TASK_FILES], limit=LIMIT, batch_size=32,
                              task_manager=manager, log_samples=True)
-    return {task: (output["results"][f"local_{task}"], sorted(output["samples"][f"local_{task}"], key=lambda s: s["doc_id"]))
+    return {task: (output["results"][f"local_{task}"],
+                   sorted(output["samples"][f"local_{task}"], key=lambda s: s["doc_id"]))
             for task in TASK_FILES}
 
 

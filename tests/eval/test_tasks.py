@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from llamalite.data import DataError
+from llamalite.errors import DataError
 from llamalite.eval.tasks import TASKS, get_task, load_examples, read_records, resolve_tasks, task_source
 from tests.conftest import SHARED_DATA
 

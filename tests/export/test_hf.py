@@ -5,12 +5,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from llamalite.checkpoint.format import save_checkpoint
+from llamalite.checkpoint.inference import load_for_inference
 from llamalite.cli import main
 from llamalite.config import Config, DataConfig
-from llamalite.export.hf import ExportError, export_checkpoint, import_hf, parse_size
+from llamalite.errors import CheckpointError, ExportError
+from llamalite.export.hf import export_checkpoint, import_hf, parse_size
 from llamalite.model.llama import Llama, ModelConfig, RMSNorm
 from llamalite.tokenizer import Tokenizer
-from llamalite.train.checkpoint import CheckpointError, load_model_from_checkpoint, save_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
@@ -100,7 +102,8 @@ def test_a_trained_run_exports_with_its_prepared_tokenizer(corpus_dir, prepared_
 
 def test_exported_tokenizer_encodes_like_ours_and_eos_is_the_tokenizers(tokenizer_dir, tmp_path):
     ours = Tokenizer.load(tokenizer_dir / "tokenizer.json")
-    out = export_checkpoint(write_checkpoint(tmp_path / "run", random_model(padded_vocab(tokenizer_dir)), tokenizer_dir),
+    out = export_checkpoint(write_checkpoint(tmp_path / "run", random_model(padded_vocab(tokenizer_dir)),
+                                             tokenizer_dir),
                             tmp_path / "hf")
     theirs = transformers.AutoTokenizer.from_pretrained(out)
     for text in [TEXT, *SENTENCES, "unseen wörds: 42!"]:
@@ -151,7 +154,8 @@ def test_trimmed_vocab_and_bf16_exports_load_with_matching_logits(tokenizer_dir,
 
 def test_a_small_shard_size_writes_shards_with_an_index(tokenizer_dir, tmp_path):
     model = random_model(padded_vocab(tokenizer_dir))
-    out = export_checkpoint(write_checkpoint(tmp_path / "run", model, tokenizer_dir), tmp_path / "hf", shard_size="20KB")
+    out = export_checkpoint(write_checkpoint(tmp_path / "run", model, tokenizer_dir), tmp_path / "hf",
+                            shard_size="20KB")
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(out.glob("model-*-of-*.safetensors"))
     assert len(shards) > 2 and not (out / "model.safetensors").exists()
@@ -212,7 +216,7 @@ def hf_llama_folder(folder, tokenizer_dir, tie: bool):
 def test_imported_transformers_model_gives_its_logits(tokenizer_dir, tmp_path, tie):
     hf_model = hf_llama_folder(tmp_path / "hf", tokenizer_dir, tie)
     checkpoint = import_hf(tmp_path / "hf", tmp_path / "imported")
-    model = load_model_from_checkpoint(checkpoint)
+    model = load_for_inference(checkpoint).model
     assert model.config.rope_theta == 20000.0 and model.config.norm_eps == 1e-6 and model.config.tie_embeddings is tie
     tokens = random_tokens(model.config.vocab_size)
     with torch.no_grad():
@@ -301,7 +305,8 @@ def test_lm_eval_runs_on_the_export(tokenizer_dir, tmp_path):
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    out = export_checkpoint(write_checkpoint(tmp_path / "run", random_model(padded_vocab(tokenizer_dir)), tokenizer_dir),
+    out = export_checkpoint(write_checkpoint(tmp_path / "run", random_model(padded_vocab(tokenizer_dir)),
+                                             tokenizer_dir),
                             tmp_path / "hf")
     tasks = tmp_path / "tasks"
     tasks.mkdir()

@@ -3,6 +3,7 @@ import dataclasses
 import pytest
 import torch
 
+from llamalite.errors import ConfigError
 from llamalite.model.llama import Llama, ModelConfig, apply_rope, rope_tables
 from llamalite.model.presets import PRESETS, count_parameters, get_preset, training_flops_per_token
 
@@ -106,7 +107,8 @@ def test_parameter_count_formula_matches_the_module(name):
 def test_dmas_preset_is_the_papers_model():
     config = get_preset("dmas-1.7b")
     assert count_parameters(config) == 1_716_144_128
-    assert (config.n_layer, config.d_model, config.n_head, config.n_kv_head, config.ffn_hidden) == (36, 2048, 32, 8, 5120)
+    assert (config.n_layer, config.d_model, config.n_head, config.n_kv_head,
+            config.ffn_hidden) == (36, 2048, 32, 8, 5120)
     assert config.rope_theta == 500000.0 and not config.tie_embeddings and config.vocab_size == 50304
 
 
@@ -116,7 +118,7 @@ def test_flops_per_token_grows_with_sequence_length():
 
 
 def test_invalid_shapes_are_reported():
-    with pytest.raises(ValueError, match="n_kv_head"):
+    with pytest.raises(ConfigError, match="n_kv_head"):
         Llama(small_config(n_kv_head=3))
     with pytest.raises(ValueError, match="max_seq_len"):
         Llama(small_config())(torch.zeros(1, 17, dtype=torch.long))

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from llamalite.cli import main
-from llamalite.report import ReportError, build_report
+from llamalite.errors import ReportError
+from llamalite.report import build_report
 from tests.report.test_figures import assert_drawn_png, rgb_pixels
 from tests.report.test_page import EXTERNAL
 
@@ -45,7 +46,8 @@ def test_two_runs_compared_overlay_in_one_report(reset_run, baseline_run):
     assert {r["run"] for r in rows} == {"reset", "baseline"} and len(rows) == 6
     with open(index.parent / "summary.csv") as f:
         summary = {r["run"]: r for r in csv.DictReader(f)}
-    assert summary["reset"]["final_scores"].startswith("hellaswag/acc_norm=0.2800") and summary["baseline"]["final_scores"] == ""
+    assert (summary["reset"]["final_scores"].startswith("hellaswag/acc_norm=0.2800")
+            and summary["baseline"]["final_scores"] == "")
 
 
 def test_cli_writes_the_report_where_asked_and_refuses_a_non_run(reset_run, tmp_path, capsys):

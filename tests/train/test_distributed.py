@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from llamalite.train.metrics import read_jsonl
+from llamalite.files import read_jsonl
 from llamalite.train.trainer import Trainer
 from tests.conftest import small_config
 
@@ -143,16 +143,17 @@ def test_only_rank_zero_writes_the_run_files(spawned):
 
 
 def test_consolidate_turns_a_sharded_checkpoint_into_a_single_file_one(spawned, tmp_path):
+    from llamalite.checkpoint.format import load_checkpoint
+    from llamalite.checkpoint.inference import load_for_inference
     from llamalite.cli import main
-    from llamalite.train.checkpoint import load_checkpoint, load_model_from_checkpoint
 
     out, _ = spawned
     sharded = out / "from2_fsdp" / "checkpoints" / "step_0000003"
     assert main(["consolidate", str(sharded), str(tmp_path / "single")]) == 0
     single = load_checkpoint(tmp_path / "single")
     assert single.state["step"] == 3 and single.state["world_size"] == 2
-    assert set(single.model) == set(load_model_from_checkpoint(sharded).state_dict())
-    for name, tensor in load_model_from_checkpoint(sharded).state_dict().items():  # read straight from the shards
+    assert set(single.model) == set(load_for_inference(sharded).model.state_dict())
+    for name, tensor in load_for_inference(sharded).model.state_dict().items():  # read straight from the shards
         torch.testing.assert_close(single.model[name], tensor, rtol=0, atol=0, msg=name)
     moments = single.optimizer["state"]
     assert len(moments) == len(single.model) and all(s["step"] == 3 for s in moments.values())
@@ -175,7 +176,7 @@ def test_activation_checkpointing_keeps_the_loss_and_gradients(corpus_dir, prepa
 
 
 def test_unknown_strategies_are_refused_with_the_choices(corpus_dir, prepared_dir, tmp_path):
-    from llamalite.train.distributed import DistributedError
+    from llamalite.errors import DistributedError
 
     with pytest.raises(DistributedError, match="none, ddp, fsdp"):
         Trainer(small_config(corpus_dir, prepared_dir, tmp_path / "a", parallel="zero3"))

@@ -3,6 +3,7 @@ import math
 import pytest
 
 from llamalite.config import OptimConfig
+from llamalite.errors import ConfigError
 from llamalite.model.llama import Llama, ModelConfig
 from llamalite.train.optim import build_optimizer, learning_rate, parameter_groups
 
@@ -31,7 +32,7 @@ def test_wsd_schedule_holds_then_decays_linearly():
 def test_constant_schedule_and_unknown_schedule():
     cfg = OptimConfig(lr=3e-4, warmup_steps=0, schedule="constant")
     assert learning_rate(1234, cfg, 10) == pytest.approx(3e-4)
-    with pytest.raises(ValueError, match="schedule"):
+    with pytest.raises(ConfigError, match="schedule"):
         learning_rate(0, OptimConfig(schedule="linear"), 10)
 
 
@@ -41,7 +42,8 @@ def test_schedule_is_a_pure_function_of_the_step():
 
 
 def test_weight_decay_on_matrices_only():
-    model = Llama(ModelConfig(vocab_size=64, n_layer=1, d_model=16, n_head=2, n_kv_head=1, ffn_hidden=32, max_seq_len=8))
+    model = Llama(ModelConfig(vocab_size=64, n_layer=1, d_model=16, n_head=2, n_kv_head=1, ffn_hidden=32,
+                              max_seq_len=8))
     decay, no_decay = parameter_groups(model, 0.1)
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() == 2 for p in decay["params"])

@@ -7,7 +7,8 @@ from llamalite.train.step import LanguageModelLoss, chunked_lm_loss, lm_loss
 
 def tiny_model() -> Llama:
     torch.manual_seed(0)
-    return Llama(ModelConfig(vocab_size=97, n_layer=2, d_model=32, n_head=4, n_kv_head=2, ffn_hidden=64, max_seq_len=16))
+    return Llama(ModelConfig(vocab_size=97, n_layer=2, d_model=32, n_head=4, n_kv_head=2, ffn_hidden=64,
+                             max_seq_len=16))
 
 
 @pytest.mark.parametrize("chunk_tokens", [1, 7, 24, 1000])

@@ -5,8 +5,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llamalite.train.metrics import read_jsonl
-from llamalite.train.trainer import Trainer, TrainError, accumulation_steps
+from llamalite.errors import TrainError
+from llamalite.files import read_jsonl
+from llamalite.train.trainer import Trainer, accumulation_steps
 from tests.conftest import small_config
 
 

@@ -3,10 +3,11 @@ import random
 
 import pytest
 
+from llamalite.checkpoint.format import list_checkpoints
 from llamalite.cli import main
-from llamalite.eval.runner import SweepOptions, dynamics_table, evaluate_checkpoints
-from llamalite.train.checkpoint import CheckpointError, list_checkpoints
-from llamalite.train.metrics import read_jsonl
+from llamalite.errors import CheckpointError
+from llamalite.evaluate import SweepOptions, dynamics_table, evaluate_checkpoints
+from llamalite.files import read_jsonl
 from llamalite.train.trainer import Trainer
 from tests.conftest import WORDS, small_config
 
@@ -103,7 +104,7 @@ def test_a_checkpoint_whose_tokenizer_changed_is_refused(trained_run, tmp_path):
     state["tokenizer_fingerprint"] = "0" * 64
     (copy / "trainer_state.json").write_text(json.dumps(state))
     (copy / "checksums.json").unlink()  # rewritten below so that only the fingerprint differs
-    from llamalite.data.shards import sha256_file
+    from llamalite.files import sha256_file
 
     (copy / "checksums.json").write_text(json.dumps({p.name: sha256_file(p) for p in copy.iterdir()}))
     with pytest.raises(CheckpointError, match="fingerprint differs"):

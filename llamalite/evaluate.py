@@ -1,79 +1,27 @@
-"""Evaluations of a run: benchmarks in the training loop, and over every checkpoint of a run (`llamalite eval`).
-
-Each evaluation of one step is one record of the run's `evals.jsonl`:
-  {"step", "tokens", "time", "seconds", "source": "train" | "eval", "checkpoint", "limit",
-   "metrics": {"eval/<task>/<metric>": value, "val/loss": ..., ...}, "chance": {task: p}, "n": {task: examples}}
-"""
+"""`llamalite eval`: validation loss and benchmarks of a checkpoint, or of every checkpoint of a run, appended to
+the run's evals.jsonl (records as llamalite/eval/suite.py describes them), and the training-dynamics table."""
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
-from llamalite.config import EvalConfig, config_from_dict
-from llamalite.data import DataError
-from llamalite.eval.harness import (
-    LogitsFn,
-    TaskResult,
-    example_requests,
-    flat_metrics,
-    score_requests,
-    task_metrics,
-    validation_metrics,
-)
-from llamalite.eval.tasks import Example, TaskSpec, load_examples, resolve_tasks, task_source
-from llamalite.tokenizer import Tokenizer
-from llamalite.train.checkpoint import CheckpointError, InferenceModel, list_checkpoints, load_for_inference
-from llamalite.train.metrics import JsonlWriter, read_jsonl
-
-EVALS_FILE = "evals.jsonl"
-
-
-@dataclass
-class LoadedTask:
-    spec: TaskSpec
-    examples: list[Example]
-    requests: list[tuple[list[int], list[int]]]  # tokenized once, scored at every evaluation
-
-
-class BenchmarkSuite:
-    """The configured tasks, read and tokenized once, scored against any model that fits the tokenizer."""
-
-    def __init__(self, eval_cfg: EvalConfig, tokenizer: Tokenizer, task_names: Iterable[str] | None = None):
-        self.eval_cfg = eval_cfg
-        self.tokenizer = tokenizer
-        self.tasks = []
-        for spec in resolve_tasks(task_names if task_names is not None else eval_cfg.tasks):
-            examples = load_examples(spec, task_source(spec, eval_cfg.data_dir, eval_cfg.task_files), eval_cfg.limit)
-            self.tasks.append(LoadedTask(spec, examples, example_requests(tokenizer, examples)))
-
-    def run(self, logits_fn: LogitsFn, max_length: int, device: torch.device, autocast: Any = None) -> dict[str, TaskResult]:
-        results = {}
-        for task in self.tasks:
-            scores = score_requests(logits_fn, task.requests, max_length, self.eval_cfg.batch_size, device, autocast,
-                                    progress=task.spec.name)
-            results[task.spec.name] = task_metrics(task.spec, task.examples, scores)
-        return results
-
-
-def eval_record(
-    step: int, tokens: int, seconds: float, source: str, results: dict[str, TaskResult],
-    val: dict[str, float] | None = None, checkpoint: str | None = None, limit: int | None = None,
-) -> dict[str, Any]:
-    return {
-        "step": step, "tokens": tokens, "time": time.time(), "seconds": seconds, "source": source,
-        "checkpoint": checkpoint, "limit": limit,
-        "metrics": {**(val or {}), **flat_metrics(results)},
-        "chance": {name: r.chance for name, r in results.items()},
-        "n": {name: r.n for name, r in results.items()},
-    }
+from llamalite.checkpoint.format import CHECKPOINT_NAME, is_checkpoint_dir, list_checkpoints, read_state
+from llamalite.checkpoint.inference import InferenceModel, load_for_inference
+from llamalite.config import EvalConfig
+from llamalite.data.loader import validation_batches
+from llamalite.errors import CheckpointError, DataError
+from llamalite.eval.harness import validation_metrics
+from llamalite.eval.suite import EVALS_FILE, BenchmarkSuite, eval_record
+from llamalite.eval.tasks import TaskSpec, resolve_tasks
+from llamalite.files import JsonlWriter, read_jsonl
+from llamalite.runtime import autocast_context, resolve_device
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -98,13 +46,19 @@ def run_dir_of(checkpoint: Path) -> Path | None:
 
 
 def checkpoints_to_evaluate(target: Path, all_checkpoints: bool) -> list[Path]:
-    if (target / "trainer_state.json").is_file():
+    if is_checkpoint_dir(target):
         return [target]
     found = list_checkpoints(target / "checkpoints")
     if not found:
         raise CheckpointError(f"{target} is neither a checkpoint nor a run directory with checkpoints: pass "
                               "runs/<name> or runs/<name>/checkpoints/step_XXXXXXX")
     return found if all_checkpoints else found[-1:]
+
+
+def checkpoint_step_of(checkpoint: Path) -> int:
+    """The step of a checkpoint: from a run's directory name, else from its trainer state."""
+    named = CHECKPOINT_NAME.match(checkpoint.name)
+    return int(named.group(1)) if named else int(read_state(checkpoint)["step"])
 
 
 def already_done(records: list[dict[str, Any]], step: int, wanted: list[str], limit: int | None) -> bool:
@@ -123,9 +77,6 @@ def wanted_metric_names(specs: list[TaskSpec], val_loss: bool) -> list[str]:
 
 def evaluate_checkpoints(target: Path, options: SweepOptions) -> list[dict[str, Any]]:
     """Evaluate the newest (or every) checkpoint of `target`, append to the run's evals.jsonl, return the records."""
-    from llamalite.train.step import autocast_context
-    from llamalite.train.trainer import resolve_device
-
     checkpoints = checkpoints_to_evaluate(target, options.all_checkpoints)
     run_dir = run_dir_of(checkpoints[0])
     specs = resolve_tasks(options.tasks) if options.tasks else []
@@ -137,7 +88,7 @@ def evaluate_checkpoints(target: Path, options: SweepOptions) -> list[dict[str, 
     records = []
     try:
         for checkpoint in checkpoints:
-            step = int(json.loads((checkpoint / "trainer_state.json").read_text())["step"])
+            step = checkpoint_step_of(checkpoint)
             wanted = wanted_metric_names(specs, options.val_loss)
             if run_dir and already_done(existing, step, wanted, options.limit):
                 print(f"{checkpoint.name}: already evaluated (in {run_dir / EVALS_FILE}), skipped", file=sys.stderr)
@@ -173,9 +124,7 @@ def _evaluate_one(loaded: InferenceModel, suite: BenchmarkSuite | None, options:
 
 def _checkpoint_validation(loaded: InferenceModel, device: torch.device, autocast: Any) -> dict[str, float] | None:
     """Val loss on the run's held-out split, with the run's fixed batches; None when the data is not here."""
-    from llamalite.data.loader import validation_batches
-
-    config = config_from_dict(loaded.state["config"])
+    config = loaded.config
     data_dir = Path(config.data.out_dir)
     if not (data_dir / "manifest.json").is_file():
         print(f"{loaded.path.name}: no validation loss ({data_dir}/manifest.json not found)", file=sys.stderr)

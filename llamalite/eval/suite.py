@@ -1,0 +1,63 @@
+"""The benchmark suite: tasks read and tokenized once, scored at any step, and the record an evaluation leaves.
+
+Each evaluation of one step is one record of the run's `evals.jsonl`:
+  {"step", "tokens", "time", "seconds", "source": "train" | "eval", "checkpoint", "limit",
+   "metrics": {"eval/<task>/<metric>": value, "val/loss": ..., ...}, "chance": {task: p}, "n": {task: examples}}
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from llamalite.config import EvalConfig
+from llamalite.eval.harness import LogitsFn, TaskResult, example_requests, flat_metrics, score_requests, task_metrics
+from llamalite.eval.tasks import Example, TaskSpec, load_examples, resolve_tasks, task_source
+from llamalite.tokenizer import Tokenizer
+
+EVALS_FILE = "evals.jsonl"
+
+
+@dataclass
+class LoadedTask:
+    spec: TaskSpec
+    examples: list[Example]
+    requests: list[tuple[list[int], list[int]]]  # tokenized once, scored at every evaluation
+
+
+class BenchmarkSuite:
+    """The configured tasks, read and tokenized once, scored against any model that fits the tokenizer."""
+
+    def __init__(self, eval_cfg: EvalConfig, tokenizer: Tokenizer, task_names: Iterable[str] | None = None):
+        self.eval_cfg = eval_cfg
+        self.tokenizer = tokenizer
+        self.tasks = []
+        for spec in resolve_tasks(task_names if task_names is not None else eval_cfg.tasks):
+            examples = load_examples(spec, task_source(spec, eval_cfg.data_dir, eval_cfg.task_files), eval_cfg.limit)
+            self.tasks.append(LoadedTask(spec, examples, example_requests(tokenizer, examples)))
+
+    def run(self, logits_fn: LogitsFn, max_length: int, device: torch.device,
+            autocast: Any = None) -> dict[str, TaskResult]:
+        results = {}
+        for task in self.tasks:
+            scores = score_requests(logits_fn, task.requests, max_length, self.eval_cfg.batch_size, device, autocast,
+                                    progress=task.spec.name)
+            results[task.spec.name] = task_metrics(task.spec, task.examples, scores)
+        return results
+
+
+def eval_record(
+    step: int, tokens: int, seconds: float, source: str, results: dict[str, TaskResult],
+    val: dict[str, float] | None = None, checkpoint: str | None = None, limit: int | None = None,
+) -> dict[str, Any]:
+    return {
+        "step": step, "tokens": tokens, "time": time.time(), "seconds": seconds, "source": source,
+        "checkpoint": checkpoint, "limit": limit,
+        "metrics": {**(val or {}), **flat_metrics(results)},
+        "chance": {name: r.chance for name, r in results.items()},
+        "n": {name: r.n for name, r in results.items()},
+    }

@@ -1,0 +1,181 @@
+"""Where and how code runs: the device, autocast, seeded generators, the process group, and logging.
+
+Library code logs through `logging.getLogger(__name__)` (under the `llamalite` logger); the console script calls
+`setup_logging()` once, which shows INFO lines on stdout and warnings on stderr, from rank 0 only under torchrun.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from llamalite.errors import ConfigError, DistributedError
+
+DTYPES = ("auto", "bf16", "fp32")
+LOGGER_NAME = "llamalite"
+
+
+# ------------------------------------------------------------------------------------------------- device
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name} was asked for but no CUDA GPU is visible: use device cpu or auto")
+    return device
+
+
+def configure_device(device: torch.device) -> None:
+    if device.type == "cuda":
+        if device.index is not None:
+            torch.cuda.set_device(device)
+        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls that autocast leaves
+
+
+def has_fast_bf16(device: torch.device) -> bool:
+    """Whether the device computes bf16 matmuls natively. CPUs without AVX512-BF16 or AMX emulate them, and bf16
+    autocast there is many times slower than fp32 (about 100x for a 1024 x 1024 matmul on an AVX2-only CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        probes = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+        return any(probe is not None and probe() for probe in probes)
+    return False
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> str:
+    """bf16 or fp32; `auto` is bf16 where the device computes it natively, else fp32."""
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}: use auto, bf16 or fp32")
+    if dtype == "auto":
+        return "bf16" if has_fast_bf16(device) else "fp32"
+    return dtype
+
+
+def autocast_context(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast, or nothing for fp32 (`auto` resolved for the device)."""
+    if resolve_dtype(dtype, device) == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def seeded_generator(seed: int | None) -> torch.Generator:
+    """A CPU generator seeded with `seed`, or from the OS when None; never the global RNG."""
+    generator = torch.Generator()
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+# ------------------------------------------------------------------------------------------------- processes
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device_type: str) -> DistInfo:
+    """Rank and world size from torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE); joins the process group
+    (NCCL on GPUs, gloo on CPUs) when there are several processes. One process without torchrun: rank 0 of 1."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    info = DistInfo(int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world_size)
+    if info.active and not dist.is_initialized():
+        if "MASTER_ADDR" not in os.environ:
+            raise DistributedError("WORLD_SIZE is set but MASTER_ADDR is not: launch with torchrun "
+                                   "(torchrun --nproc_per_node N -m llamalite train CONFIG)")
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        minutes = int(os.environ.get("LLAMALITE_DIST_TIMEOUT_MIN", "30"))
+        dist.init_process_group(backend, timeout=timedelta(minutes=minutes))
+    return info
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_main_process() -> bool:
+    """Rank 0 of the process group, or of torchrun's environment before the group exists; True on one process."""
+    if dist.is_initialized():
+        return dist.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def mean_across_ranks(value: torch.Tensor) -> torch.Tensor:
+    """The mean of a scalar tensor over all ranks (itself with one process)."""
+    if not dist.is_initialized():
+        return value
+    value = value.detach().clone()
+    dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value / dist.get_world_size()
+
+
+def broadcast_from_main(obj: Any) -> Any:
+    """Rank 0's value of a picklable object, on every rank."""
+    if not dist.is_initialized():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+# ------------------------------------------------------------------------------------------------- logging
+class MainProcessFilter(logging.Filter):
+    """Keeps the records of rank 0; other ranks compute the same things and would repeat every line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return is_main_process()
+
+
+class _ConsoleHandler(logging.Handler):
+    """Writes each message through tqdm.write, so that a live progress bar is redrawn below it rather than torn.
+
+    The stream is looked up at each record (sys.stdout below WARNING, sys.stderr from it), so redirections made
+    after set-up (pytest's capture, contextlib.redirect_stdout) are honoured."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            stream = sys.stderr if record.levelno >= logging.WARNING else sys.stdout
+            tqdm.write(self.format(record), file=stream)
+            stream.flush()
+        except Exception:  # logging must never take the program down
+            self.handleError(record)
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Show llamalite's log lines on the console (called once by the console script; idempotent)."""
+    logger = logging.getLogger(LOGGER_NAME)
+    for handler in list(logger.handlers):
+        if isinstance(handler, _ConsoleHandler):
+            logger.removeHandler(handler)
+    handler = _ConsoleHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.addFilter(MainProcessFilter())
+    logger.addHandler(handler)
+    logger.setLevel(level)
