@@ -112,5 +112,4 @@ def _build_model(checkpoint: Path, config: Config, allow_lora: bool) -> tuple[Ll
             adapter = add_lora(model, r=config.sft.lora.r, alpha=config.sft.lora.alpha,
                                dropout=config.sft.lora.dropout, target_modules=config.sft.lora.target_modules)
     load_model_tensors(model, load_file(checkpoint / WEIGHTS_FILE), assign=True)
-    model.init_rope()
     return model, adapter

@@ -65,10 +65,11 @@ class RMSNorm(nn.Module):
         return self.weight * normed.to(x.dtype)
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(head_dim: int, max_seq_len: int, theta: float,
+                device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of shape (max_seq_len, head_dim), in the half-split layout (pairs i and i + head_dim/2)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64, device=device), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos().float(), angles.sin().float()
 
@@ -182,22 +183,22 @@ class Llama(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        # A model built on the meta device only waits for loaded weights: no initialisation at all (nn.Embedding's
+        # own normal_ on a meta tensor would import torch._dynamo, seconds in a fresh process).
+        on_meta = torch.get_default_device().type == "meta"
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model,
+                                         _weight=torch.empty(config.vocab_size, config.d_model) if on_meta else None)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.init_rope()
-        if not self.embed_tokens.weight.is_meta:  # a model built on the meta device waits for loaded weights
-            self.reset_parameters()
-
-    def init_rope(self) -> None:
-        """Build the RoPE tables (buffers, never saved): at construction, and again for a model that was built on
-        the meta device to receive loaded weights."""
-        cos, sin = rope_tables(self.config.head_dim, self.config.max_seq_len, self.config.rope_theta)
+        # The RoPE tables are buffers that no checkpoint holds: real tensors (on the CPU) even on the meta device.
+        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta, "cpu" if on_meta else None)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        if not on_meta:
+            self.reset_parameters()
 
     def reset_parameters(self) -> None:
         std = self.config.init_std
