@@ -38,6 +38,9 @@ def packaged_config(name: str):
 
 def run_demo(config_path: str | None = None, overrides: Sequence[str] = (), sft_overrides: Sequence[str] = (),
              alpaca_file: str | None = None) -> TrainResult:
+    if alpaca_file is not None and not Path(alpaca_file).is_file():  # checked before minutes of pretraining
+        raise DataError(f"Alpaca file not found: {alpaca_file} (pass --alpaca with an existing JSON file, "
+                        "or leave it out to fine-tune on lines of the plays)")
     started = time.perf_counter()
     with packaged_config("demo.yaml") as default_path:
         path = Path(config_path) if config_path else default_path
@@ -91,9 +94,6 @@ def run_demo_sft(result: TrainResult, overrides: Sequence[str] = (), alpaca_file
         data_file = write_play_instructions(prepared_dir, prepared_dir / "sft_plays.jsonl")
         questions = [json.loads(line)["messages"][0]["content"] for line in data_file.read_text().splitlines()[:3]]
     else:
-        if not alpaca_file.is_file():
-            raise DataError(f"Alpaca file not found: {alpaca_file} (pass --alpaca with an existing JSON file, "
-                            "or leave it out to fine-tune on lines of the plays)")
         data_file, questions = alpaca_file, DEMO_QUESTIONS
     sft_run_dir = run_dir.parent / f"{run_dir.name}-sft"  # runs/demo-sft beside runs/demo
     with packaged_config("sft-demo.yaml") as config_file:

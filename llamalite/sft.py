@@ -69,11 +69,6 @@ def adopt_base(config: Config, base: InferenceModel) -> None:
     config.data.out_dir = str(config.run_path())
 
 
-def add_lora_from_config(model: nn.Module, config: Config) -> Any:
-    lora = config.sft.lora
-    return add_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
-
-
 # ------------------------------------------------------------------------------------------------- trainer
 def sft_loss(model: nn.Module, batch: SFTBatch) -> torch.Tensor:
     """Summed next-token cross-entropy (fp32) over the trained tokens of a batch."""
@@ -105,7 +100,7 @@ class SFTTrainer(Trainer):
     def build_model(self) -> nn.Module:
         model = self.base.model
         if self.config.sft.method == "lora":
-            self.peft_model = add_lora_from_config(model, self.config)  # adapters injected into `model` itself
+            self.peft_model = add_lora(model, self.config.sft.lora)  # adapters injected into `model` itself
         return model
 
     def build_data(self) -> tuple[SFTLoader, list[SFTBatch]]:

@@ -17,7 +17,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from llamalite.errors import DataError
-from llamalite.files import atomic_write
+from llamalite.files import atomic_write_text
 
 if TYPE_CHECKING:  # config imports the model (torch); tokenizer worker processes must stay light
     from llamalite.config import TokenizerConfig
@@ -93,7 +93,7 @@ class Tokenizer:
 
     def save(self, path: str | Path) -> None:
         text = self._inner.to_str(pretty=True)
-        atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+        atomic_write_text(path, text)
 
     # -- use ---------------------------------------------------------------------------------
 

@@ -70,3 +70,8 @@ def test_a_user_error_is_one_line_with_exit_code_2():
     assert result.returncode == 2
     assert result.stderr.startswith("llamalite: error: unknown model preset '7b'") and result.stderr.count("\n") == 1
     assert "Traceback" not in result.stderr
+
+
+def test_demo_refuses_a_missing_alpaca_file_before_any_work(capsys, tmp_path):
+    assert main(["demo", "--alpaca", str(tmp_path / "alpaca.json"), f"data.out_dir={tmp_path / 'data'}"]) == 2
+    assert "Alpaca file not found" in capsys.readouterr().err and not (tmp_path / "data").exists()

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from llamalite.errors import CheckpointError
-from llamalite.files import fsync, sha256_file
+from llamalite.files import atomic_write_text, fsync, sha256_file
 
 CHECKSUMS = "checksums.json"
 LATEST = "latest"
@@ -286,11 +286,7 @@ def save_checkpoint(
 
 
 def write_latest(checkpoints_dir: Path, name: str) -> None:
-    tmp = checkpoints_dir / f".{LATEST}.tmp"
-    tmp.write_text(name + "\n")
-    fsync(tmp)
-    os.replace(tmp, checkpoints_dir / LATEST)
-    fsync(checkpoints_dir)
+    atomic_write_text(checkpoints_dir / LATEST, name + "\n")
 
 
 def prune_checkpoints(checkpoints_dir: Path, keep_last: int, milestone_interval: int) -> list[Path]:

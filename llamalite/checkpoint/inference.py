@@ -109,7 +109,6 @@ def _build_model(checkpoint: Path, config: Config, allow_lora: bool) -> tuple[Ll
     with torch.device("meta"):
         model = Llama(config.model)
         if lora:
-            adapter = add_lora(model, r=config.sft.lora.r, alpha=config.sft.lora.alpha,
-                               dropout=config.sft.lora.dropout, target_modules=config.sft.lora.target_modules)
+            adapter = add_lora(model, config.sft.lora)
     load_model_tensors(model, load_file(checkpoint / WEIGHTS_FILE), assign=True)
     return model, adapter

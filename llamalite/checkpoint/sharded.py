@@ -12,18 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from llamalite.checkpoint.format import (
     RNG_FILE,
     SHARDED_DIR,
-    WEIGHTS_FILE,
     begin_checkpoint_dir,
     checkpoint_name,
     commit_checkpoint_dir,
     is_sharded,
-    load_model_tensors,
     read_state,
     remove_stale_temps,
     restore_rng_state,
@@ -110,14 +107,6 @@ def _optimizer_state_by_name(model: nn.Module, optimizer: torch.optim.Optimizer,
     by_name = {order[index]: value for index, value in state["state"].items()}
     groups = [{**group, "params": [order[index] for index in group["params"]]} for group in state["param_groups"]]
     return {"state": by_name, "param_groups": groups}
-
-
-def load_model_weights(checkpoint_dir: Path, model: nn.Module) -> None:
-    """The weights of a single-file or sharded checkpoint into a plain model, in this process (already verified)."""
-    if is_sharded(checkpoint_dir):  # written with train.parallel=fsdp: gathered here in one process
-        load_sharded(checkpoint_dir, model, None)
-        return
-    load_model_tensors(model, load_file(checkpoint_dir / WEIGHTS_FILE))
 
 
 # ------------------------------------------------------------------------------------------------- directories

@@ -45,7 +45,7 @@ from llamalite.data.shards import SHARD_NAME, ShardWriter, SplitProgress, shard_
 from llamalite.data.sources import SOURCE_TYPES, source_files
 from llamalite.data.tokenize import chunks_by_split, tokenize_chunks
 from llamalite.errors import DataError
-from llamalite.files import atomic_write, sha256_file
+from llamalite.files import atomic_write_text, sha256_file
 from llamalite.tokenizer import Tokenizer, build_tokenizer
 
 if TYPE_CHECKING:  # config imports the model (torch); tokenizer worker processes import this package
@@ -173,7 +173,7 @@ def write_progress(out_dir: Path, run: dict[str, Any], writers: dict[str, ShardW
     """Record, atomically, the finished shards of a run (`run`: its fingerprints, tokenizer and dtype)."""
     progress = run | {"splits": {split: dataclasses.asdict(writer.finished) for split, writer in writers.items()}}
     text = json.dumps(progress, indent=1) + "\n"
-    atomic_write(out_dir / PROGRESS_FILE, lambda f: f.write(text.encode("utf-8")))
+    atomic_write_text(out_dir / PROGRESS_FILE, text)
 
 
 def read_progress_if_any(out_dir: Path) -> dict[str, Any] | None:
@@ -302,7 +302,7 @@ def prepare(config: Config) -> dict[str, Any]:
 
 def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
     text = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
-    atomic_write(out_dir / MANIFEST_FILE, lambda f: f.write(text.encode("utf-8")))
+    atomic_write_text(out_dir / MANIFEST_FILE, text)
 
 
 def _up_to_date_or_retired(previous: dict[str, Any], fingerprint: str, out_dir: Path) -> bool:

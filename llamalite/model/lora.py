@@ -8,11 +8,20 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from torch import nn
 
 from llamalite.errors import ConfigError
+
+
+class LoraSettings(Protocol):
+    """What the adapters need (config.py's LoraConfig has these fields; the model layer does not import config)."""
+
+    r: int
+    alpha: float
+    dropout: float
+    target_modules: Sequence[str]
 
 
 def require_peft() -> Any:
@@ -23,9 +32,10 @@ def require_peft() -> Any:
     return peft
 
 
-def add_lora(model: nn.Module, *, r: int, alpha: float, dropout: float, target_modules: Sequence[str]) -> Any:
+def add_lora(model: nn.Module, lora: LoraSettings) -> Any:
     """Inject LoRA adapters into `model` in place (base weights frozen). Returns the PeftModel wrapping it."""
     peft = require_peft()
+    r, target_modules = lora.r, list(lora.target_modules)
     present = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear)}
     unknown = sorted(set(target_modules) - present)
     if unknown or not target_modules:
@@ -33,7 +43,7 @@ def add_lora(model: nn.Module, *, r: int, alpha: float, dropout: float, target_m
                           f"choose among {', '.join(sorted(present))}")
     if r <= 0:
         raise ConfigError(f"sft.lora.r={r} must be a positive rank, e.g. 16")
-    config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
+    config = peft.LoraConfig(r=r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=target_modules,
                              bias="none")
     return peft.get_peft_model(model, config)
 

@@ -6,10 +6,10 @@ It only reads the run directories; the report goes to RUN_DIR/report/ for one ru
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from llamalite.errors import ReportError
+from llamalite.files import atomic_write_text
 from llamalite.report.runs import Run, load_runs
 
 __all__ = ["ReportError", "build_report", "default_out_dir"]
@@ -39,12 +39,6 @@ def build_report(run_dirs: list[Path | str], out_dir: Path | str | None = None) 
     }
     files = write_exports(runs, out) + list(figures.values())
     index = out / "index.html"
-    write_atomically(index, render_page(runs, figures, files))
+    atomic_write_text(index, render_page(runs, figures, files))  # a reloading browser never sees half of it
     return index
 
-
-def write_atomically(path: Path, text: str) -> None:
-    """A browser reloading the page while the report is rebuilt never sees half of it."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

@@ -8,7 +8,6 @@ the loop forces it: before the first step of a fresh run and after the last step
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -54,9 +53,13 @@ class RunContext:
 
 class Callback:
     interval: int = 0  # <= 0: never, not even when forced
+    records_file: str | None = None  # a JSON Lines file of the run directory that rank 0 appends records to
 
     def start(self, context: RunContext) -> None:
         self.context = context
+        self.file: JsonlWriter | NullLogger = NullLogger()
+        if context.is_main and self.records_file:
+            self.file = JsonlWriter(context.run_dir / self.records_file)
 
     def maybe_run(self, trainer: TrainerView, force: bool) -> None:
         if self.interval > 0 and (force or trainer.step % self.interval == 0):
@@ -66,7 +69,7 @@ class Callback:
         raise NotImplementedError
 
     def close(self) -> None:
-        pass
+        self.file.close()
 
 
 class ValidationCallback(Callback):
@@ -88,6 +91,8 @@ class ValidationCallback(Callback):
 class BenchmarkCallback(Callback):
     """The benchmark suite scored on the model: one evals.jsonl record and TensorBoard scalars per evaluation."""
 
+    records_file = EVALS_FILE
+
     def __init__(self, suite: BenchmarkSuite, interval: int, limit: int | None):
         self.suite = suite
         self.interval = interval
@@ -99,9 +104,7 @@ class BenchmarkCallback(Callback):
         results = self.suite.run(trainer.model, trainer.config.model.max_seq_len, trainer.device, trainer.autocast())
         seconds = time.perf_counter() - started
         record = eval_record(trainer.step, trainer.tokens_seen, seconds, "train", results, limit=self.limit)
-        if self.context.is_main:
-            with open(self.context.run_dir / EVALS_FILE, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+        self.file.write(record)
         self.context.metrics.scalars(trainer.step, {**record["metrics"], "eval/seconds": seconds,
                                                     "eval/tokens": trainer.tokens_seen})
         summary = "  ".join(f"{name} {r.metrics['acc']:.3f}" for name, r in results.items())
@@ -111,20 +114,13 @@ class BenchmarkCallback(Callback):
 class SamplesCallback(Callback):
     """Continuations of the configured prompts, into samples.jsonl."""
 
+    records_file = SAMPLES_FILE
+
     def __init__(self, interval: int):
         self.interval = interval
         self.records: list[dict[str, Any]] = []
-        self.file: JsonlWriter | NullLogger = NullLogger()
-
-    def start(self, context: RunContext) -> None:
-        super().start(context)
-        if context.is_main:
-            self.file = JsonlWriter(context.run_dir / SAMPLES_FILE)
 
     def run(self, trainer: TrainerView) -> None:
         for record in trainer.generate_samples():
             self.file.write(record)
             self.records.append(record)
-
-    def close(self) -> None:
-        self.file.close()

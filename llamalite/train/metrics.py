@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from llamalite.files import JsonlWriter
+from llamalite.files import JsonlWriter, atomic_write_text
 
 # Dense bf16 tensor-core peaks (FLOP/s) by substring of torch.cuda.get_device_name().
 GPU_PEAK_BF16_FLOPS = {
@@ -106,9 +105,7 @@ def truncate_jsonl_after(path: Path, step: int) -> None:
     kept = [line for line in lines if (record_step := _record_step(line)) is not None and record_step <= step]
     if len(kept) == len(lines):
         return
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(kept))
 
 
 def _record_step(line: str) -> int | None:
