@@ -58,6 +58,8 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
+    # adamw | muon (torch.optim.Muon for the hidden matrices; AdamW for embeddings, head and norms; docs/recipes.md)
+    name: str = "adamw"
     lr: float = 6e-4  # peak learning rate
     min_lr: float = 6e-5  # floor reached at the end of the decay
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
@@ -68,6 +70,11 @@ class OptimConfig:
     warmup_steps: int = 700
     decay_fraction: float = 0.2  # wsd: the share of steps spent decaying at the end
     fused: bool | None = None  # None: fused AdamW where the device supports it
+    # muon: Muon's peak LR with Keller Jordan's shape scaling; None: `lr` with Moonlight's scaling (the update's RMS
+    # matches AdamW's, so one LR serves both optimizers)
+    muon_lr: float | None = None
+    muon_momentum: float = 0.95  # muon: Nesterov momentum
+    muon_weight_decay: float | None = None  # muon: decoupled weight decay of the hidden matrices; None: weight_decay
 
 
 @dataclass

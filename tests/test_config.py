@@ -51,3 +51,30 @@ def test_missing_and_malformed_files(tmp_path):
         load_config(write(tmp_path, "a: [1, 2\n"))
     with pytest.raises(ConfigError, match="unknown model preset"):
         load_config(None, ["model.preset=huge"])
+
+
+def flat(tree: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}"""
+    result = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            result.update(flat(value, f"{prefix}{key}."))
+        else:
+            result[f"{prefix}{key}"] = value
+    return result
+
+
+def test_the_efficient_configs_change_only_the_recipe_keys_of_their_paper_recipe_configs():
+    from pathlib import Path
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    recipe_keys = {"optim.name", "optim.muon_lr", "optim.muon_momentum", "optim.lr", "optim.min_lr", "optim.schedule",
+                   "optim.decay_fraction", "model.qk_norm", "model.zero_init_residual", "name", "train.max_steps",
+                   "train.eval_interval", "train.sample_interval", "train.save_interval", "train.milestone_interval",
+                   "eval.interval", "data.out_dir"}
+    for paper, efficient in (("demo.yaml", "efficient.yaml"), ("dmas-1.7b.yaml", "dmas-1.7b-efficient.yaml")):
+        ours, theirs = load_config(configs / efficient).to_dict(), load_config(configs / paper).to_dict()
+        changed = {key for key, value in flat(ours).items() if flat(theirs).get(key) != value}
+        assert changed <= recipe_keys, changed
+        assert ours["optim"]["name"] == "muon" and ours["model"]["qk_norm"] and ours["model"]["zero_init_residual"]
+        assert theirs["optim"]["name"] == "adamw" and not theirs["model"]["qk_norm"]

@@ -38,6 +38,7 @@ SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12
 HF_DEFAULTS = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
                "num_attention_heads": 32, "hidden_act": "silu", "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
                "tie_word_embeddings": False, "rope_theta": 10000.0, "bos_token_id": 1, "eos_token_id": 2}
+IMPORTABLE = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}  # model_type -> its architecture
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 
@@ -58,6 +59,7 @@ def export_checkpoint(
     _check_replaceable(out_dir, marker="config.json", what="an export")
     loaded = load_for_inference(checkpoint, tokenizer_path, allow_lora=False)  # LoRA: `llamalite merge` first
     checkpoint, state, tokenizer, model = loaded.path, loaded.state, loaded.tokenizer, loaded.model
+    check_exportable(model.config)
     vocab_size = tokenizer.size if trim_vocab else model.config.vocab_size
     torch_dtype, dtype_name = DTYPES[dtype]
     special = special_tokens(state, tokenizer)
@@ -75,6 +77,14 @@ def export_checkpoint(
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     return out_dir
+
+
+def check_exportable(config: ModelConfig) -> None:
+    """Refuse a model that no transformers architecture computes the same way."""
+    if config.logit_softcap is not None:
+        raise ExportError(f"model.logit_softcap={config.logit_softcap} has no equivalent in LlamaForCausalLM or "
+                          "Qwen3ForCausalLM, so an export would give other logits: train with model.logit_softcap=null "
+                          "to export (docs/recipes.md)")
 
 
 def special_tokens(state: dict[str, Any], tokenizer: Tokenizer) -> dict[str, Any]:
@@ -135,10 +145,14 @@ def parse_size(text: str) -> int:
 
 
 def hf_config(config: ModelConfig, vocab_size: int, dtype_name: str, special: dict[str, Any]) -> dict[str, Any]:
-    """What LlamaConfig.save_pretrained writes, plus the keys transformers 4 reads (rope_theta, torch_dtype)."""
+    """What LlamaConfig.save_pretrained writes, plus the keys transformers 4 reads (rope_theta, torch_dtype).
+
+    A model with QK-norm becomes a Qwen3 model: Qwen3 is LLaMA plus an RMSNorm on each head's queries and keys."""
+    architecture = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "use_sliding_window": False,
+                    "sliding_window": None} if config.qk_norm else \
+        {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "mlp_bias": False, "pretraining_tp": 1}
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        **architecture,
         "vocab_size": vocab_size,
         "hidden_size": config.d_model,
         "intermediate_size": config.ffn_hidden,
@@ -154,9 +168,7 @@ def hf_config(config: ModelConfig, vocab_size: int, dtype_name: str, special: di
         "tie_word_embeddings": config.tie_embeddings,
         "attention_bias": False,
         "attention_dropout": 0.0,
-        "mlp_bias": False,
         "initializer_range": config.init_std,
-        "pretraining_tp": 1,
         "use_cache": True,
         "bos_token_id": special["bos_token_id"],
         "eos_token_id": special["eos_token_id"],
@@ -269,10 +281,13 @@ def import_hf(hf_dir: Path, out_dir: Path) -> Path:
 
 def check_supported(hf: dict[str, Any]) -> None:
     """Refuse what our model does not compute the same way."""
-    architectures = hf.get("architectures") or ["LlamaForCausalLM"]
-    if hf.get("model_type") != "llama" or architectures != ["LlamaForCausalLM"]:
-        raise ExportError(f"model_type {hf.get('model_type')!r} / architectures {architectures} is not supported: "
-                          "only model_type 'llama' with LlamaForCausalLM can be imported")
+    model_type = hf.get("model_type")
+    architectures = hf.get("architectures") or [IMPORTABLE.get(model_type, "LlamaForCausalLM")]
+    if model_type not in IMPORTABLE or architectures != [IMPORTABLE[model_type]]:
+        raise ExportError(f"model_type {model_type!r} / architectures {architectures} is not supported: "
+                          "only model_type 'llama' (LlamaForCausalLM) or 'qwen3' (Qwen3ForCausalLM) can be imported")
+    if hf.get("use_sliding_window"):
+        raise ExportError("use_sliding_window=true is not supported: llamalite attends over the whole context")
     for key in ("attention_bias", "mlp_bias"):
         if hf.get(key):
             raise ExportError(f"{key}=true is not supported: llamalite's Llama has no bias terms")
@@ -304,6 +319,7 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         norm_eps=hf["rms_norm_eps"],
         tie_embeddings=hf["tie_word_embeddings"],
         init_std=hf.get("initializer_range", ModelConfig.init_std),
+        qk_norm=hf.get("model_type") == "qwen3",
     )
 
 

@@ -32,6 +32,12 @@ class ModelConfig:
     tie_embeddings: bool = False
     init_std: float = 0.02
     depth_scaled_init: bool = True  # residual output projections get init_std / sqrt(2 * n_layer)
+    # Recipe options (docs/recipes.md). qk_norm: RMSNorm on each head's queries and keys before RoPE (Qwen3, OLMo-2);
+    # exported as Qwen3ForCausalLM
+    qk_norm: bool = False
+    zero_init_residual: bool = False  # o_proj and down_proj start at zero: every block starts as the identity
+    # logits = cap * tanh(logits / cap) (Gemma 2, modded-nanogpt); None: raw logits. Such a model is not exportable
+    logit_softcap: float | None = None
 
     @property
     def head_dim(self) -> int:
@@ -47,6 +53,8 @@ class ModelConfig:
             problems.append(f"head_dim {self.head_dim} must be even for rotary embeddings")
         if self.n_head % self.n_kv_head:
             problems.append(f"n_head {self.n_head} is not a multiple of n_kv_head {self.n_kv_head}")
+        if self.logit_softcap is not None and self.logit_softcap <= 0:
+            problems.append(f"logit_softcap must be positive or null, got {self.logit_softcap}")
         if problems:
             raise ConfigError("invalid model config: " + "; ".join(problems))
 
@@ -92,6 +100,10 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.d_model, kv_dim, bias=False)
         self.v_proj = nn.Linear(config.d_model, kv_dim, bias=False)
         self.o_proj = nn.Linear(config.d_model, config.d_model, bias=False)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(config.head_dim, config.norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, config.norm_eps)
+        self.qk_norm = config.qk_norm
 
     def forward(
         self,
@@ -106,6 +118,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(batch, seq, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None or attn_mask is not None:
             return self._masked_attention(q, k, v, attn_mask, cache, layer)
@@ -176,6 +190,11 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def soft_cap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap * tanh(logits / cap): logits bounded smoothly to (-cap, cap); unchanged when cap is None."""
+    return logits if cap is None else cap * torch.tanh(logits / cap)
+
+
 class Llama(nn.Module):
     """Decoder-only LLaMA. forward(tokens) -> logits of shape (B, T, vocab_size)."""
 
@@ -206,7 +225,10 @@ class Llama(nn.Module):
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 is_residual_out = name.endswith("o_proj") or name.endswith("down_proj")
-                nn.init.normal_(module.weight, mean=0.0, std=residual_std if is_residual_out else std)
+                if is_residual_out and self.config.zero_init_residual:
+                    nn.init.zeros_(module.weight)
+                else:
+                    nn.init.normal_(module.weight, mean=0.0, std=residual_std if is_residual_out else std)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
 
@@ -253,7 +275,7 @@ class Llama(nn.Module):
         if output_positions is not None:
             x = x.gather(1, output_positions.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         x = self.norm(x)
-        return self.lm_head(x) if head else x
+        return soft_cap(self.lm_head(x), self.config.logit_softcap) if head else x
 
     def _rope_at(
         self, tokens: torch.Tensor, positions: torch.Tensor | None, cache: KVCache | None

@@ -13,6 +13,11 @@ PRESETS: dict[str, ModelConfig] = {
         vocab_size=4096, n_layer=6, d_model=256, n_head=8, n_kv_head=4, ffn_hidden=768,
         max_seq_len=256, rope_theta=10000.0, tie_embeddings=False,
     ),
+    # Between tiny and 124m: 29.4M parameters with a 4,096-token vocabulary (the data-efficiency benchmark's 2nd size).
+    "30m": ModelConfig(
+        vocab_size=4096, n_layer=8, d_model=512, n_head=8, n_kv_head=4, ffn_hidden=1536,
+        max_seq_len=256, rope_theta=10000.0, tie_embeddings=False,
+    ),
     # GPT-2 small's shape as a LLaMA (tied embeddings, GPT-2 vocab padded to 50304): 123.6M parameters.
     "124m": ModelConfig(
         vocab_size=50304, n_layer=12, d_model=768, n_head=12, n_kv_head=12, ffn_hidden=2048,
@@ -37,7 +42,7 @@ def count_parameters(config: ModelConfig) -> int:
     d, kv_dim = config.d_model, config.n_kv_head * config.head_dim
     attention = 2 * d * d + 2 * d * kv_dim
     mlp = 3 * d * config.ffn_hidden
-    norms = 2 * d
+    norms = 2 * d + (2 * config.head_dim if config.qk_norm else 0)
     embeddings = config.vocab_size * d * (1 if config.tie_embeddings else 2)
     return config.n_layer * (attention + mlp + norms) + d + embeddings
 

@@ -56,8 +56,9 @@ def summary_rows(runs: list[Run]) -> list[list[Any]]:
     for run in runs:
         row = summary_row(run)
         scores = "; ".join(f"{name}={value:.4f}" for name, (value, _, _) in row["final_scores"].items())
-        rows.append([row["run"], row["path"], row["status"], row["steps"], row["tokens"], round(row["wall_seconds"], 1),
-                     row["final_train_loss"], row["best_val_loss"], row["best_val_step"], scores])
+        rows.append([row["run"], row["recipe"], row["path"], row["status"], row["steps"], row["tokens"],
+                     round(row["wall_seconds"], 1), row["final_train_loss"], row["best_val_loss"],
+                     row["best_val_step"], scores])
     return rows
 
 
@@ -71,7 +72,7 @@ def write_exports(runs: list[Run], out_dir: Path) -> list[Path]:
                                                "n"], benchmark_rows(runs)),
         write_csv(out_dir / "events.csv", ["run", "step", "tokens", "time", "event", "details"], event_rows(runs)),
         write_csv(out_dir / "samples.csv", ["run", "step", "tokens", "prompt", "completion"], sample_rows(runs)),
-        write_csv(out_dir / "summary.csv", ["run", "path", "status", "steps", "tokens", "wall_seconds",
+        write_csv(out_dir / "summary.csv", ["run", "recipe", "path", "status", "steps", "tokens", "wall_seconds",
                                             "final_train_loss", "best_val_loss", "best_val_step", "final_scores"],
                   summary_rows(runs)),
     ]

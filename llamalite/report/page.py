@@ -71,11 +71,12 @@ def summary_section(runs: list[Run]) -> str:
             f"{escape(name)} {value:.3f}" + (f" ± {stderr:.3f}" if stderr is not None else "") + f" (step {step})"
             for name, (value, stderr, step) in row["final_scores"].items()
         ) or "no evaluations yet"
-        rows.append([escape(row["run"]), escape(row["status"]), f"{row['steps']:,}", fmt_tokens(row["tokens"]),
-                     fmt_seconds(row["wall_seconds"]), fmt_number(row["final_train_loss"]), best, scores])
-    header = ["run", "status", "steps", "tokens", "wall time", "final train loss", "best val loss",
+        rows.append([escape(row["run"]), escape(row["recipe"]), escape(row["status"]), f"{row['steps']:,}",
+                     fmt_tokens(row["tokens"]), fmt_seconds(row["wall_seconds"]), fmt_number(row["final_train_loss"]),
+                     best, scores])
+    header = ["run", "recipe", "status", "steps", "tokens", "wall time", "final train loss", "best val loss",
               "final benchmark scores"]
-    return "<h2>Summary</h2>" + table(header, rows, classes=dict.fromkeys([2, 3, 4, 5], "num"))
+    return "<h2>Summary</h2>" + table(header, rows, classes=dict.fromkeys([3, 4, 5, 6], "num"))
 
 
 def figure_section(title: str, png: Path, caption: str) -> str:

@@ -335,6 +335,19 @@ def headline_metric(bench: Benchmark) -> str | None:
     return next(iter(bench.series), None)
 
 
+def recipe_label(config: dict[str, Any]) -> str:
+    """The training recipe in a few words, so that runs of different recipes read apart: optimizer, peak LR,
+    schedule, and the model's recipe options that are on (e.g. `muon lr 3e-03 wsd, qk_norm, zero_init_residual`)."""
+    optim, model = config.get("optim") or {}, config.get("model") or {}
+    if not optim:
+        return "unknown"
+    words = f"{optim.get('name', 'adamw')} lr {optim.get('lr', 0):.0e} {optim.get('schedule', 'cosine')}"
+    options = [key for key in ("qk_norm", "zero_init_residual") if model.get(key)]
+    if model.get("logit_softcap"):
+        options.append(f"logit_softcap {model['logit_softcap']:g}")
+    return ", ".join([words, *options])
+
+
 def summary_row(run: Run) -> dict[str, Any]:
     best = min(run.val, key=lambda v: v["loss"], default=None)
     final_scores = {}
@@ -345,6 +358,7 @@ def summary_row(run: Run) -> dict[str, Any]:
             final_scores[f"{task}/{metric}"] = (value, stderr, step)
     return {
         "run": run.label,
+        "recipe": recipe_label(run.config),
         "path": str(run.path),
         "status": run_status(run),
         "steps": last_step(run),

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llamalite.model.llama import soft_cap
+
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy in fp32; targets of -100 are ignored."""
@@ -15,7 +17,7 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def chunked_lm_loss(hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor,
-                    chunk_tokens: int) -> torch.Tensor:
+                    chunk_tokens: int, logit_softcap: float | None = None) -> torch.Tensor:
     """lm_loss from the final hidden states (B, T, d), a chunk of tokens at a time: each chunk's logits are
     recomputed in backward instead of kept, so the fp32 logits of the whole batch never exist at once."""
     from torch.utils.checkpoint import checkpoint
@@ -25,12 +27,13 @@ def chunked_lm_loss(hidden: torch.Tensor, head_weight: torch.Tensor, targets: to
     for start in range(0, hidden.shape[0], chunk_tokens):
         end = start + chunk_tokens
         total = total + checkpoint(_summed_chunk_loss, hidden[start:end], head_weight, targets[start:end],
-                                   use_reentrant=False)
+                                   logit_softcap, use_reentrant=False)
     return total / (targets != -100).sum().clamp(min=1)
 
 
-def _summed_chunk_loss(hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = F.linear(hidden, head_weight)
+def _summed_chunk_loss(hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor,
+                       logit_softcap: float | None) -> torch.Tensor:
+    logits = soft_cap(F.linear(hidden, head_weight), logit_softcap)
     return F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")
 
 
@@ -50,7 +53,8 @@ class LanguageModelLoss(nn.Module):
             return lm_loss(self.model(tokens), targets)
         hidden = self.model(tokens, head=False)
         # Read after the forward: under FSDP2 the root's parameters stay gathered from its forward to its backward.
-        return chunked_lm_loss(hidden, self.model.lm_head.weight, targets, self.chunk_tokens)
+        return chunked_lm_loss(hidden, self.model.lm_head.weight, targets, self.chunk_tokens,
+                               self.model.config.logit_softcap)
 
 
 def build_loss_fn(model: nn.Module, compile: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

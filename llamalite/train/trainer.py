@@ -4,6 +4,7 @@ periodic validation, samples and checkpoints, metrics and a progress bar."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import shutil
@@ -38,7 +39,7 @@ from llamalite.errors import LlamaliteError, TrainError
 from llamalite.eval.harness import validation_metrics
 from llamalite.eval.suite import EVALS_FILE, BenchmarkSuite
 from llamalite.generate import sample
-from llamalite.model.llama import Llama
+from llamalite.model.llama import Llama, ModelConfig
 from llamalite.model.presets import training_flops_per_token
 from llamalite.runtime import (
     autocast_context,
@@ -117,7 +118,8 @@ class Trainer:
 
         self.model = self.build_model().to(self.device)
         self.loss_fn, self.sync_module = self._parallelize()
-        self.optimizer = build_optimizer(self.model, config.optim, self.device.type)  # after FSDP made params DTensors
+        # After FSDP made the parameters DTensors
+        self.optimizer = build_optimizer(self.model, config.optim, self.device.type, self.parallel)
         self.loader, self.val_batches = self.build_data()
         self.token_byte_lengths = self.tokenizer.token_byte_lengths()  # for val/bits_per_byte
         self.validation = ValidationCallback(self.train_cfg.eval_interval)
@@ -258,6 +260,7 @@ class Trainer:
                           had_optimizer_state=self._has_optimizer_state(checkpoint),
                           rewarmup_steps=self.train_cfg.rewarmup_steps)
         else:
+            self._check_same_optimizer(checkpoint)
             self._load_optimizer_state(checkpoint)
         if checkpoint.rng is not None:
             restore_rng_state(checkpoint.rng)
@@ -291,11 +294,20 @@ class Trainer:
         else:
             self.optimizer.load_state_dict(checkpoint.optimizer)
 
+    def _check_same_optimizer(self, checkpoint: Checkpoint) -> None:
+        saved = checkpoint.state["config"]["optim"].get("name", "adamw")
+        if saved != self.config.optim.name:
+            raise TrainError(
+                f"{checkpoint.path} holds {saved} state but the config asks for optim.name={self.config.optim.name}: "
+                f"resume with optim.name={saved}, or pass train.reset_optimizer=true to start a fresh optimizer"
+            )
+
     def _check_same_model(self, checkpoint: Checkpoint) -> None:
         saved = checkpoint.state["config"]["model"]
         current = self.config.to_dict()["model"]
-        differences = [f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in current
-                       if k != "preset" and saved.get(k) != current[k]]
+        defaults = dataclasses.asdict(ModelConfig())  # keys added since the checkpoint was written keep their defaults
+        differences = [f"{k}: {saved.get(k, defaults[k])!r} -> {current[k]!r}" for k in current
+                       if k != "preset" and saved.get(k, defaults[k]) != current[k]]
         if differences:
             raise TrainError(
                 f"the config's model differs from the checkpoint's ({'; '.join(differences)}): "

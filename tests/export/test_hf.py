@@ -1,3 +1,4 @@
+import dataclasses
 import importlib.util
 import json
 
@@ -32,11 +33,12 @@ def tokenizer_dir(tmp_path_factory):
     return folder
 
 
-def random_model(vocab_size: int, tie: bool = False, n_kv_head: int = 2, seed: int = 0) -> Llama:
+def random_model(vocab_size: int, tie: bool = False, n_kv_head: int = 2, seed: int = 0, **options) -> Llama:
     """Random weights large enough that logits are O(1), and RMSNorm gains away from 1 so that the norms matter."""
     torch.manual_seed(seed)
     model = Llama(ModelConfig(vocab_size=vocab_size, n_layer=2, d_model=32, n_head=4, n_kv_head=n_kv_head,
-                              ffn_hidden=64, max_seq_len=32, rope_theta=50000.0, tie_embeddings=tie, init_std=0.2))
+                              ffn_hidden=64, max_seq_len=32, rope_theta=50000.0, tie_embeddings=tie, init_std=0.2,
+                              **options))
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, RMSNorm):
@@ -85,6 +87,40 @@ def test_exported_model_gives_our_logits(tokenizer_dir, tmp_path, tie, n_kv_head
     ours = our_logits(model, tokens)
     assert ours.abs().max() > 1.0  # the comparison is not between near-zero numbers
     assert (hf_logits(out, tokens) - ours).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_a_qk_norm_model_exports_as_qwen3_with_our_logits_and_imports_back(tokenizer_dir, tmp_path, tie):
+    model = random_model(padded_vocab(tokenizer_dir), tie=tie, qk_norm=True, zero_init_residual=True)
+    with torch.no_grad():  # zero-initialised projections would hide the attention path: give them weights
+        for name, param in model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                param.normal_(0, 0.2)
+    out = export_checkpoint(write_checkpoint(tmp_path / "run", model, tokenizer_dir), tmp_path / "hf")
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3ForCausalLM"] and config["model_type"] == "qwen3"
+    assert "model.layers.0.self_attn.q_norm.weight" in load_file(out / "model.safetensors")
+    tokens = random_tokens(model.config.vocab_size)
+    ours = our_logits(model, tokens)
+    assert ours.abs().max() > 1.0
+    assert (hf_logits(out, tokens) - ours).abs().max() <= 1e-5
+    without_norm = Llama(dataclasses.replace(model.config, qk_norm=False))
+    without_norm.load_state_dict({k: v for k, v in model.state_dict().items() if "_norm." not in k or "layernorm" in k})
+    assert (our_logits(without_norm, tokens) - ours).abs().max() > 1e-2  # the q/k norms change the logits
+
+    imported = load_for_inference(import_hf(out, tmp_path / "imported")).model
+    assert imported.config.qk_norm
+    assert torch.equal(our_logits(imported, tokens), ours)
+
+
+def test_a_soft_capped_model_is_refused_by_export_with_one_line(tokenizer_dir, tmp_path, capsys):
+    model = random_model(padded_vocab(tokenizer_dir), logit_softcap=15.0)
+    checkpoint = write_checkpoint(tmp_path / "run", model, tokenizer_dir)
+    with pytest.raises(ExportError, match="logit_softcap=15.0 has no equivalent"):
+        export_checkpoint(checkpoint, tmp_path / "hf")
+    assert main(["export", str(checkpoint), str(tmp_path / "hf")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    assert not (tmp_path / "hf").exists()
 
 
 def test_a_trained_run_exports_with_its_prepared_tokenizer(corpus_dir, prepared_dir, tmp_path):

@@ -98,9 +98,10 @@ def test_no_biases_and_init_std():
     assert abs(model.layers[0].mlp.down_proj.weight.std().item() - residual_std) < 0.001
 
 
-@pytest.mark.parametrize("name", ["tiny", "124m"])
-def test_parameter_count_formula_matches_the_module(name):
-    config = get_preset(name)
+@pytest.mark.parametrize("name", ["tiny", "30m", "124m"])
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_parameter_count_formula_matches_the_module(name, qk_norm):
+    config = dataclasses.replace(get_preset(name), qk_norm=qk_norm)
     assert Llama(config).num_parameters() == count_parameters(config)
 
 
@@ -122,3 +123,46 @@ def test_invalid_shapes_are_reported():
         Llama(small_config(n_kv_head=3))
     with pytest.raises(ValueError, match="max_seq_len"):
         Llama(small_config())(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_zero_init_residual_makes_every_block_start_as_the_identity():
+    model = Llama(small_config(zero_init_residual=True))
+    for layer in model.layers:
+        assert not layer.self_attn.o_proj.weight.any() and not layer.mlp.down_proj.weight.any()
+        assert layer.self_attn.q_proj.weight.std() > 0.01
+    tokens = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(0))
+    hidden = model(tokens, head=False)
+    assert torch.allclose(hidden, model.norm(model.embed_tokens(tokens)))
+
+
+def test_qk_norm_normalises_each_heads_queries_and_keys():
+    plain, normed = Llama(small_config()), Llama(small_config(qk_norm=True))
+    extra = {k for k in normed.state_dict()} - set(plain.state_dict())
+    assert extra == {f"layers.{i}.self_attn.{n}_norm.weight" for i in range(2) for n in "qk"}
+    assert normed.num_parameters() - plain.num_parameters() == 2 * 2 * 8  # two head_dim gains per layer
+    normed.load_state_dict({**plain.state_dict(), **{k: normed.state_dict()[k] for k in extra}})
+    with torch.no_grad():  # a query 100x larger gives the same attention once normalised
+        tokens = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(0))
+        before = normed(tokens)
+        for layer in normed.layers:
+            layer.self_attn.q_proj.weight.mul_(100)
+        assert torch.allclose(normed(tokens), before, atol=1e-4)
+        assert not torch.allclose(plain(tokens), normed(tokens), atol=1e-3)
+
+
+def test_logit_softcap_bounds_the_logits_and_the_chunked_loss_applies_it():
+    from llamalite.train.step import chunked_lm_loss, lm_loss
+
+    model = Llama(small_config(logit_softcap=2.0, init_std=0.3))
+    tokens = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(0))
+    logits = model(tokens)
+    uncapped = Llama(small_config(init_std=0.3))
+    uncapped.load_state_dict(model.state_dict())
+    assert uncapped(tokens).abs().max() > 3.0  # the cap has something to bound
+    assert logits.abs().max() <= 2.0
+    assert torch.allclose(logits, 2.0 * torch.tanh(uncapped(tokens) / 2.0))
+    targets = tokens.roll(-1, dims=1)
+    chunked = chunked_lm_loss(model(tokens, head=False), model.lm_head.weight, targets, 5, model.config.logit_softcap)
+    assert torch.allclose(chunked, lm_loss(logits, targets), atol=1e-6)
+    with pytest.raises(ConfigError, match="logit_softcap must be positive"):
+        Llama(small_config(logit_softcap=0.0))

@@ -10,6 +10,7 @@ from llamalite.report.runs import (
     load_run,
     load_runs,
     read_jsonl_tolerant,
+    recipe_label,
     run_status,
     step_to_tokens,
     summary_row,
@@ -106,3 +107,12 @@ def test_runs_with_the_same_directory_name_get_distinct_labels(reset_run, tmp_pa
     shutil.copytree(reset_run, tmp_path / "other" / "reset")
     assert [run.label for run in load_runs([reset_run, tmp_path / "other" / "reset"])] == [
         f"{reset_run.parent.name}/reset", "other/reset"]
+
+
+def test_the_recipe_label_tells_two_recipes_apart():
+    paper = {"optim": {"name": "adamw", "lr": 6e-4, "schedule": "cosine"}, "model": {"qk_norm": False}}
+    ours = {"optim": {"name": "muon", "lr": 3e-3, "schedule": "wsd"},
+            "model": {"qk_norm": True, "zero_init_residual": True, "logit_softcap": 15.0}}
+    assert recipe_label(paper) == "adamw lr 6e-04 cosine"
+    assert recipe_label(ours) == "muon lr 3e-03 wsd, qk_norm, zero_init_residual, logit_softcap 15"
+    assert recipe_label({}) == "unknown"

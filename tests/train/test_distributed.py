@@ -55,9 +55,11 @@ def worker(rank: int, world_size: int, port: int, corpus, prepared, out) -> None
                       WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
     results = {}
-    for parallel in ("ddp", "fsdp"):
-        trainer = Trainer(small_config(corpus, prepared, out / f"steps_{parallel}", parallel=parallel, **BATCH))
-        results[parallel] = {"accum_steps": trainer.accum_steps, "losses": step_losses(trainer, STEPS)}
+    for name, parallel, optimizer in (("ddp", "ddp", "adamw"), ("fsdp", "fsdp", "adamw"), ("ddp_muon", "ddp", "muon")):
+        config = small_config(corpus, prepared, out / f"steps_{name}", parallel=parallel, **BATCH)
+        config.optim.name = optimizer
+        trainer = Trainer(config)
+        results[name] = {"accum_steps": trainer.accum_steps, "losses": step_losses(trainer, STEPS)}
     # Elastic resume: 2 processes -> (1 process, in the test), and 1 process (run by the test) -> 2 processes.
     for name, parallel, stop_at_step in (("from2_ddp", "ddp", 3), ("from2_fsdp", "fsdp", 3), ("from1", "ddp", None),
                                          ("from1_fsdp", "fsdp", None)):
@@ -91,13 +93,15 @@ def reference_run(corpus_dir, prepared_dir, run_dir) -> Trainer:
     return trainer
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_processes_match_one_with_the_same_global_batch(spawned, corpus_dir, prepared_dir, tmp_path, parallel):
+@pytest.mark.parametrize("name", ["ddp", "fsdp", "ddp_muon"])
+def test_two_processes_match_one_with_the_same_global_batch(spawned, corpus_dir, prepared_dir, tmp_path, name):
     _, results = spawned
-    single = Trainer(small_config(corpus_dir, prepared_dir, tmp_path / "one", **BATCH))
+    config = small_config(corpus_dir, prepared_dir, tmp_path / "one", **BATCH)
+    config.optim.name = "muon" if name.endswith("muon") else "adamw"
+    single = Trainer(config)
     expected = step_losses(single, STEPS)
-    assert (single.accum_steps, results[parallel]["accum_steps"]) == (4, 2)
-    assert results[parallel]["losses"] == pytest.approx(expected, rel=LOSS_RTOL)
+    assert (single.accum_steps, results[name]["accum_steps"]) == (4, 2)
+    assert results[name]["losses"] == pytest.approx(expected, rel=LOSS_RTOL)
     assert expected[-1] < expected[0]  # it trained
 
 

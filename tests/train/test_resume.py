@@ -211,11 +211,29 @@ def test_truncate_drops_later_steps_and_torn_lines(tmp_path):
     assert read_jsonl(path) == [{"step": 1}, {"step": 2}]
 
 
-def test_stop_at_step_then_resume_equals_one_run(corpus_dir, prepared_dir, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_stop_at_step_then_resume_equals_one_run(corpus_dir, prepared_dir, tmp_path, optimizer):
+    def config(run_dir, **train):
+        result = config_for(corpus_dir, prepared_dir, run_dir, max_steps=8, save_interval=0, **train)
+        result.optim.name = optimizer
+        return result
+
     straight = tmp_path / "straight"
-    Trainer(config_for(corpus_dir, prepared_dir, straight, max_steps=8, save_interval=0)).fit()
+    Trainer(config(straight)).fit()
     run_dir = tmp_path / "run"
-    first = Trainer(config_for(corpus_dir, prepared_dir, run_dir, max_steps=8, save_interval=0, stop_at_step=5)).fit()
+    first = Trainer(config(run_dir, stop_at_step=5)).fit()
     assert first.steps == 5 and first.checkpoint.name == "step_0000005"
-    Trainer(config_for(corpus_dir, prepared_dir, run_dir, max_steps=8, save_interval=0)).fit()
+    Trainer(config(run_dir)).fit()
     assert final_weights(run_dir) == final_weights(straight)
+    assert losses(run_dir) == losses(straight)
+
+
+def test_resuming_with_another_optimizer_is_refused_unless_reset(corpus_dir, prepared_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    Trainer(config_for(corpus_dir, prepared_dir, run_dir, max_steps=2)).fit()
+    config = config_for(corpus_dir, prepared_dir, run_dir, max_steps=4)
+    config.optim.name = "muon"
+    with pytest.raises(TrainError, match="holds adamw state but the config asks for optim.name=muon"):
+        Trainer(config).fit()
+    config.train.reset_optimizer = True
+    assert Trainer(config).fit().steps == 4
