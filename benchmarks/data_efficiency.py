@@ -1,10 +1,10 @@
 """More model per token: the paper's recipe (tuned) against llamalite's efficient recipe and its ablations.
 
 On a held-out split by documents of the corpus, every recipe trains from scratch for --tokens tokens: the baseline at
-each peak LR of --baseline-lrs and our recipe at each of --ours-lrs (as many values each: both are tuned the same
-way; interleaved: baseline, ours, baseline, ours ...), then the ablations (our recipe minus one component, and plus
-each --extras option) at our best LR. The tuned baseline is the baseline's best LR; its final val loss is the
-target. Per run:
+each peak LR of --baseline-lrs and our recipe at each of --ours-lrs (as many values, so that both are tuned the same
+way, or fewer for ours, which only handicaps it; interleaved: baseline, ours, baseline, ours ...), then the
+ablations (our recipe minus one component, and plus each --extras option) at our best LR. The tuned baseline is the
+baseline's best LR; its final val loss is the target. Per run:
 
 - final (and best) val loss at equal tokens;
 - tokens to the target: the first point of the val curve (evaluated --evals times, linearly interpolated) at or
@@ -129,7 +129,7 @@ def prepare_corpus(args: argparse.Namespace, work: Path) -> Path:
 
 
 def prepare_capped(full: Config, train_tokens: int, work: Path) -> Path:
-    """The same held-out documents, and training documents (in corpus order) up to train_tokens tokens."""
+    """The same held-out documents, and the training documents (in corpus order) that fit in train_tokens tokens."""
     tokenizer = Tokenizer.load(Path(full.data.out_dir) / "tokenizer.json", full.tokenizer.eos_token)
     splitter = DocumentFilter(full.data)
     kept, kept_tokens = [], 0
@@ -139,9 +139,10 @@ def prepare_capped(full: Config, train_tokens: int, work: Path) -> Path:
             continue
         split, text = classified
         if split == "train":
-            if kept_tokens >= train_tokens:
+            tokens = len(tokenizer.encode(text)) + 1  # + the EOS before each document
+            if kept_tokens + tokens > train_tokens:  # at most train_tokens: --tokens / train_tokens epochs or more
                 continue
-            kept_tokens += len(tokenizer.encode(text)) + 1  # + the EOS before each document
+            kept_tokens += tokens
         kept.append(text)
     kept_file = write_texts(work / "capped.jsonl", kept)
     capped = Config(tokenizer=dataclasses.replace(full.tokenizer, path=str(Path(full.data.out_dir) / "tokenizer.json")),
@@ -210,9 +211,10 @@ def train_run(args: argparse.Namespace, data_dir: Path, recipe: str, lr: float, 
 
 def sweep(args: argparse.Namespace, data_dir: Path, work: Path) -> list[Run]:
     runs = []
-    for baseline_lr, ours_lr in zip(args.baseline_lrs, args.ours_lrs):  # interleaved: drifting speed hits both alike
+    for index, baseline_lr in enumerate(args.baseline_lrs):  # interleaved: drifting speed hits both recipes alike
         runs.append(train_run(args, data_dir, "baseline", baseline_lr, work))
-        runs.append(train_run(args, data_dir, "ours", ours_lr, work))
+        if index < len(args.ours_lrs):
+            runs.append(train_run(args, data_dir, "ours", args.ours_lrs[index], work))
     if args.ablations:
         best_lr = best_run(runs, "ours", args.train_tokens is not None).peak_lr
         for name in [f"ours-{c}" for c in COMPONENTS] + [f"ours+{e}" for e in args.extras]:
@@ -300,8 +302,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.baseline_lrs = [float(x) for x in args.baseline_lrs.split(",")]
     args.ours_lrs = [float(x) for x in args.ours_lrs.split(",")]
-    if len(args.baseline_lrs) != len(args.ours_lrs):
-        parser.error("--baseline-lrs and --ours-lrs must sweep as many values: both recipes are tuned the same way")
+    if len(args.ours_lrs) > len(args.baseline_lrs):  # fewer is allowed: tuning our side less only handicaps it
+        parser.error("--ours-lrs may not sweep more values than --baseline-lrs: the baseline is tuned at least as much")
     args.model = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.model)}
     return args
 

@@ -48,6 +48,7 @@ def test_two_runs_compared_overlay_in_one_report(reset_run, baseline_run):
         summary = {r["run"]: r for r in csv.DictReader(f)}
     assert (summary["reset"]["final_scores"].startswith("hellaswag/acc_norm=0.2800")
             and summary["baseline"]["final_scores"] == "")
+    assert summary["reset"]["recipe"].startswith("adamw lr ") and "<td>adamw lr " in page
 
 
 def test_cli_writes_the_report_where_asked_and_refuses_a_non_run(reset_run, tmp_path, capsys):
