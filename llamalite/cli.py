@@ -72,7 +72,7 @@ def cmd_consolidate(args: argparse.Namespace) -> None:
     def cpu_optimizer(model, config):
         return build_optimizer(model, config.optim, "cpu")
 
-    out = consolidate(Path(args.checkpoint), Path(args.out_dir), cpu_optimizer)
+    out = consolidate(Path(args.checkpoint), Path(args.out_dir), cpu_optimizer, force=args.force)
     print(f"consolidated {args.checkpoint} -> {out} (single-file weights, optimizer and trainer state)")
 
 
@@ -82,12 +82,13 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     out = export_checkpoint(Path(args.checkpoint), Path(args.out_dir), dtype=args.dtype, trim_vocab=args.trim_vocab,
-                            shard_size=args.shard_size, tokenizer_path=Path(args.tokenizer) if args.tokenizer else None)
+                            shard_size=args.shard_size, tokenizer_path=Path(args.tokenizer) if args.tokenizer else None,
+                            force=args.force)
     print(f"exported to {out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
 
 
 def cmd_import(args: argparse.Namespace) -> None:
-    out = import_hf(Path(args.hf_dir), Path(args.out_dir))
+    out = import_hf(Path(args.hf_dir), Path(args.out_dir), force=args.force)
     has_tokenizer = (out / "tokenizer.json").exists()
     print(f"imported {args.hf_dir} -> checkpoint {out} "
           + ("with its tokenizer.json" if has_tokenizer else "without a tokenizer.json (export will need --tokenizer)"))
@@ -153,7 +154,8 @@ def cmd_sft(args: argparse.Namespace) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
-    out = merge(Path(args.checkpoint), Path(args.out_dir), Path(args.adapter_out) if args.adapter_out else None)
+    out = merge(Path(args.checkpoint), Path(args.out_dir), Path(args.adapter_out) if args.adapter_out else None,
+                force=args.force)
     adapter = f"; adapter in PEFT format in {args.adapter_out}" if args.adapter_out else ""
     print(f"merged checkpoint: {out}{adapter}")
 
@@ -168,6 +170,11 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int) -> N
                    help="stop at this text, which is left out of the output (several allowed)")
     p.add_argument("--seed", type=int, default=None, help="seed of the sampling generator (default: random)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+
+
+def add_force_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true", help="write into a folder that is not empty: files of the same "
+                   "names are replaced, nothing else is deleted (default: refuse)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(runs/<name>/checkpoints/step_XXXXXXX)")
     p.add_argument("out_dir",
                    help="checkpoint directory to write (eval, export and a resume at any world size read it)")
+    add_force_argument(p)
     p.set_defaults(func=cmd_consolidate)
 
     p = sub.add_parser("demo", help="end-to-end demo on the embedded Shakespeare corpus (CPU, minutes)")
@@ -218,11 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", default="5GB", help="largest safetensors file before sharding (default: 5GB)")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer.json to ship (default: the run's, <data.out_dir>/tokenizer.json)")
+    add_force_argument(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("import", help="transformers Llama folder (config.json + safetensors) -> checkpoint directory")
     p.add_argument("hf_dir", help="local folder, e.g. a download of HuggingFaceTB/SmolLM-135M")
     p.add_argument("out_dir", help="checkpoint directory to write")
+    add_force_argument(p)
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("eval", help="validation loss and zero-shot benchmarks of a checkpoint, "
@@ -280,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", help="checkpoint directory to write (with tokenizer.json; export and chat load it)")
     p.add_argument("--adapter-out", default=None, help="also save the adapters in PEFT format (adapter_config.json + "
                    "adapter_model.safetensors) in this folder")
+    add_force_argument(p)
     p.set_defaults(func=cmd_merge)
     return parser
 

@@ -101,6 +101,8 @@ class TrainConfig:
     sample_top_k: int = 50
     # checkpoint every N steps (always at the end and when stopped by SIGTERM/SIGINT); 0: only then
     save_interval: int = 0
+    # also checkpoint when this many minutes passed since the last checkpoint (a kill loses at most that much); 0: off
+    save_interval_minutes: float = 30.0
     keep_checkpoints: int = 3  # keep the newest N checkpoints (plus milestones); 0 keeps every one
     milestone_interval: int = 0  # checkpoints at steps divisible by this are never deleted; 0: no milestones
     reset_optimizer: bool = False  # on resume, start a fresh AdamW instead of the saved state (recorded as an event)

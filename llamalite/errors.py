@@ -31,6 +31,10 @@ class TrainError(LlamaliteError):
     """A training run whose set-up or state cannot go on."""
 
 
+class BusyError(LlamaliteError):
+    """A run directory or output folder that another live process is writing."""
+
+
 class DistributedError(LlamaliteError):
     """A multi-process set-up problem (torchrun environment, parallelism settings)."""
 

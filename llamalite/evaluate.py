@@ -19,7 +19,7 @@ from llamalite.data.loader import validation_batches
 from llamalite.errors import CheckpointError, DataError
 from llamalite.eval.harness import validation_metrics
 from llamalite.eval.suite import EVALS_FILE, BenchmarkSuite, eval_record
-from llamalite.eval.tasks import TaskSpec, resolve_tasks
+from llamalite.eval.tasks import TaskSpec, resolve_tasks, task_data_fingerprint, task_source
 from llamalite.files import JsonlWriter, read_jsonl
 from llamalite.runtime import autocast_context, resolve_device
 
@@ -61,13 +61,22 @@ def checkpoint_step_of(checkpoint: Path) -> int:
     return int(named.group(1)) if named else int(read_state(checkpoint)["step"])
 
 
-def already_done(records: list[dict[str, Any]], step: int, wanted: list[str], limit: int | None) -> bool:
-    """Whether evals.jsonl already holds every wanted metric of this step, measured with the same limit."""
+def already_done(records: list[dict[str, Any]], step: int, wanted: list[str], limit: int | None,
+                 task_data: dict[str, str]) -> bool:
+    """Whether evals.jsonl already holds every wanted metric of this step, measured with the same limit and, for a
+    benchmark, on the same task data (task_data: task -> fingerprint)."""
     have = set()
     for record in records:
         if record.get("step") == step and record.get("limit") == limit:
-            have.update(record.get("metrics", {}))
+            recorded = record.get("task_data", {})
+            have.update(name for name in record.get("metrics", {})
+                        if not name.startswith("eval/") or _same_task_data(name, recorded, task_data))
     return all(name in have for name in wanted)
+
+
+def _same_task_data(metric: str, recorded: dict[str, str], task_data: dict[str, str]) -> bool:
+    task = metric.split("/")[1]  # eval/<task>/<metric>
+    return task in recorded and recorded[task] == task_data.get(task)
 
 
 def wanted_metric_names(specs: list[TaskSpec], val_loss: bool) -> list[str]:
@@ -80,6 +89,8 @@ def evaluate_checkpoints(target: Path, options: SweepOptions) -> list[dict[str, 
     checkpoints = checkpoints_to_evaluate(target, options.all_checkpoints)
     run_dir = run_dir_of(checkpoints[0])
     specs = resolve_tasks(options.tasks) if options.tasks else []
+    task_data = {spec.name: task_data_fingerprint(spec, task_source(spec, options.data_dir, options.task_files))
+                 for spec in specs}
     existing = read_jsonl(run_dir / EVALS_FILE) if run_dir else []
     device = resolve_device(options.device)
     autocast = autocast_context(device, options.dtype)
@@ -90,7 +101,7 @@ def evaluate_checkpoints(target: Path, options: SweepOptions) -> list[dict[str, 
         for checkpoint in checkpoints:
             step = checkpoint_step_of(checkpoint)
             wanted = wanted_metric_names(specs, options.val_loss)
-            if run_dir and already_done(existing, step, wanted, options.limit):
+            if run_dir and already_done(existing, step, wanted, options.limit, task_data):
                 print(f"{checkpoint.name}: already evaluated (in {run_dir / EVALS_FILE}), skipped", file=sys.stderr)
                 continue
             loaded = load_for_inference(checkpoint)
@@ -119,7 +130,8 @@ def _evaluate_one(loaded: InferenceModel, suite: BenchmarkSuite | None, options:
     val = _checkpoint_validation(loaded, device, autocast) if options.val_loss else None
     results = suite.run(model, model.config.max_seq_len, device, autocast) if suite else {}
     seconds = time.perf_counter() - started
-    return eval_record(loaded.step, loaded.tokens_seen, seconds, "eval", results, val, loaded.path.name, options.limit)
+    return eval_record(loaded.step, loaded.tokens_seen, seconds, "eval", results, val, loaded.path.name, options.limit,
+                       suite.task_data if suite else None)
 
 
 def _checkpoint_validation(loaded: InferenceModel, device: torch.device, autocast: Any) -> dict[str, float] | None:

@@ -1,15 +1,25 @@
-"""Files written so that a crash never leaves a half-written one behind, their checksums, and JSON Lines."""
+"""Files written so that a crash never leaves a half-written one behind, their checksums, JSON Lines, and the
+folders a command writes: locked against a second writer, never overwritten unasked."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import secrets
+import shutil
+import socket
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
+
+from llamalite.errors import BusyError, ConfigError
+
+logger = logging.getLogger(__name__)
 
 
 def sha256_file(path: str | Path, block_size: int = 1 << 20) -> str:
@@ -94,3 +104,74 @@ class JsonlWriter:
 
     def close(self) -> None:
         self._file.close()
+
+
+# ------------------------------------------------------------------------------------------------- folders
+LOCK_FILE = ".lock"
+
+
+@contextmanager
+def folder_lock(folder: str | Path, activity: str) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` while the block runs: a second process asking for it gets BusyError.
+
+    The lock is an flock on folder/.lock, so the kernel releases it when the process ends, however it ends (a kill -9
+    leaves no stale lock). The file itself stays: it names the last holder, for the message."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BusyError(f"{folder} is being {activity} by {_lock_holder(fd)}: wait for it to end or stop it "
+                            "(two processes writing one folder corrupt each other's files)") from None
+        except OSError as exc:  # a filesystem without flock (some network mounts): go on unprotected
+            logger.warning(f"cannot lock {folder / LOCK_FILE} ({exc.strerror}): nothing stops a second process "
+                           "from writing the same folder")
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(holder).encode("utf-8"), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _lock_holder(fd: int) -> str:
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0).decode("utf-8"))
+        return f"process {holder['pid']} on host {holder['host']} (since {holder['since']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+def check_output_dir(out_dir: str | Path, force: bool, what: str) -> None:
+    """An output folder must be new or empty, unless `force`: then the command's files replace those of the same
+    names, and nothing else in the folder is touched."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"{out_dir} is a file: pass a folder for {what}")
+    entries = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
+    if entries and not force:
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise ConfigError(f"{out_dir} is not empty ({shown}): choose a new folder for {what}, or pass --force to "
+                          "write into it (files of the same names are replaced; nothing else is deleted)")
+
+
+def move_into(source: Path, out_dir: Path, last: str | None = None) -> None:
+    """Move the files of the folder `source` into `out_dir` (created if needed), replacing files of the same relative
+    paths and leaving every other file of out_dir alone; `source` is removed. `last`, a file name of `source`, moves
+    after all others (a checksums file: readers see the folder incomplete until then)."""
+    if not out_dir.exists() or not any(out_dir.iterdir()):
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(source, out_dir)  # rename(2) replaces an empty folder
+        fsync_dir(out_dir.parent)
+        return
+    if last is not None:
+        (out_dir / last).unlink(missing_ok=True)
+    files = sorted((f for f in source.rglob("*") if f.is_file()), key=lambda f: f.name == last)
+    for file in files:
+        target = out_dir / file.relative_to(source)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(file, target)
+    fsync_dir(out_dir)
+    shutil.rmtree(source)

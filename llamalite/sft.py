@@ -39,6 +39,7 @@ from llamalite.data.sft import (
     template_from_config,
 )
 from llamalite.errors import CheckpointError, ConfigError
+from llamalite.files import check_output_dir
 from llamalite.generate import SamplingOptions, generate_ids
 from llamalite.model.llama import ModelConfig
 from llamalite.model.lora import add_lora, save_adapter
@@ -79,6 +80,8 @@ def sft_loss(model: nn.Module, batch: SFTBatch) -> torch.Tensor:
 
 class SFTTrainer(Trainer):
     """The Trainer on instruction data: LoRA or full fine-tuning of `sft.base`."""
+
+    activity = "fine-tuned"
 
     def __init__(self, config: Config):
         if config.sft.method not in METHODS:
@@ -143,12 +146,9 @@ class SFTTrainer(Trainer):
         return [{"step": self.step, "prompt": prompt, "completion": answer.text, "finish_reason": answer.finish_reason}
                 for prompt, answer in zip(prompts, answers)]
 
-    def fit(self) -> TrainResult:
-        run_dir = self.config.run_path()
-        run_dir.mkdir(parents=True, exist_ok=True)
+    def on_run_dir_ready(self, run_dir: Path) -> None:
         report = {"data": self.config.sft.data, "template": self.config.sft.template, **self.data.stats.to_dict()}
         (run_dir / SFT_DATA_REPORT).write_text(json.dumps(report, indent=2))
-        return super().fit()
 
 
 def run_sft(config: Config) -> TrainResult:
@@ -190,9 +190,13 @@ def answer_conversations(model: nn.Module, tokenizer: Tokenizer, prompts: list[l
 
 
 # ------------------------------------------------------------------------------------------------- merge
-def merge(checkpoint_path: Path, out_dir: Path, adapter_out: Path | None = None) -> Path:
+def merge(checkpoint_path: Path, out_dir: Path, adapter_out: Path | None = None, force: bool = False) -> Path:
     """Write `out_dir`, a plain checkpoint (base + LoRA folded in) with its tokenizer.json; loadable by
-    load_for_inference and `llamalite export`. A full fine-tuning checkpoint is copied the same way."""
+    load_for_inference and `llamalite export`. A full fine-tuning checkpoint is copied the same way. out_dir (and
+    adapter_out) must be new or empty unless `force`: then files of other names in them are kept."""
+    check_output_dir(out_dir, force, "the merged checkpoint")
+    if adapter_out is not None:
+        check_output_dir(adapter_out, force, "the adapter")
     loaded = load_for_inference(checkpoint_path)
     model, adapter = loaded.model, loaded.adapter
     if adapter is None and adapter_out is not None:
@@ -207,5 +211,5 @@ def merge(checkpoint_path: Path, out_dir: Path, adapter_out: Path | None = None)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer_file = Path(tmp) / "tokenizer.json"
         loaded.tokenizer.save(tokenizer_file)
-        return write_checkpoint_dir(Path(out_dir), model, None, merged_state,
+        return write_checkpoint_dir(Path(out_dir), model, None, merged_state, keep_other_files=True,
                                     extra_files={"tokenizer.json": tokenizer_file})

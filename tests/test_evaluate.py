@@ -69,6 +69,19 @@ def test_all_checkpoints_are_evaluated_once_and_tabulated(trained_run, capsys):
     assert [line.split()[0] for line in table[1:]] == ["2", "4", "6"]
 
 
+def test_an_evaluation_on_other_task_data_is_not_taken_for_a_done_one(trained_run, tmp_path):
+    run_dir, tasks_dir = trained_run
+    evaluate_checkpoints(run_dir, SweepOptions(tasks=["piqa"], data_dir=str(tasks_dir)))
+    other = tmp_path / "piqa_other.jsonl"
+    records = read_jsonl(tasks_dir / "piqa_validation.jsonl")
+    other.write_text("".join(json.dumps({**r, "label": 1 - r["label"]}) + "\n" for r in records))
+
+    redone = evaluate_checkpoints(run_dir, SweepOptions(tasks=["piqa"], task_files={"piqa": str(other)}))
+    assert [r["step"] for r in redone] == [6]
+    assert redone[0]["task_data"]["piqa"].startswith("sha256:")
+    assert evaluate_checkpoints(run_dir, SweepOptions(tasks=["piqa"], task_files={"piqa": str(other)})) == []
+
+
 def test_cli_eval_prints_the_training_dynamics_table(trained_run, capsys):
     run_dir, tasks_dir = trained_run
     code = main(["eval", str(run_dir), "--all-checkpoints", "--tasks", "hellaswag", "--limit", "5",

@@ -12,10 +12,13 @@ Layout of `checkpoints/step_XXXXXXX/`:
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import pickle
 import random
 import re
+import resource
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,11 +27,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from llamalite.errors import CheckpointError
-from llamalite.files import atomic_write_text, fsync, sha256_file
+from llamalite.files import atomic_write_text, fsync, move_into, sha256_file
 
 CHECKSUMS = "checksums.json"
 LATEST = "latest"
@@ -40,6 +44,7 @@ TOKENIZER_FILE = "tokenizer.json"
 SHARDED_DIR = "dcp"  # the DCP folder inside a sharded checkpoint directory
 CHECKPOINT_NAME = re.compile(r"^step_(\d{7,})$")
 TEMP_PREFIX = ".tmp_"
+LOW_SPACE_BYTES = 64 << 20  # a failed write with less free space than this is taken for a full disk
 
 
 @dataclass
@@ -137,17 +142,36 @@ def verify_checkpoint(path: Path, wanted: Callable[[str], bool] | None = None) -
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Checkpoint:
-    """Everything of a checkpoint for a resume (weights, optimizer, RNG, state), after verifying every file."""
-    verify_checkpoint(path)
-    optimizer_file, rng_file, weights_file = path / OPTIMIZER_FILE, path / RNG_FILE, path / WEIGHTS_FILE
+    """Everything of a checkpoint for a resume (weights, optimizer, RNG, state), after verifying every file.
+
+    Only files listed in checksums.json are read: a stray optimizer.pt that the checkpoint did not write is not its."""
+    listed = set(verify_checkpoint(path))
     return Checkpoint(
         path=path,
-        model=load_file(weights_file) if weights_file.exists() else None,
-        optimizer=torch.load(optimizer_file, map_location=map_location, weights_only=True)
-        if optimizer_file.exists() else None,
-        rng=torch.load(rng_file, weights_only=True) if rng_file.exists() else None,
+        model=read_weights(path / WEIGHTS_FILE) if WEIGHTS_FILE in listed else None,
+        optimizer=read_tensors_pickle(path / OPTIMIZER_FILE, map_location) if OPTIMIZER_FILE in listed else None,
+        rng=read_tensors_pickle(path / RNG_FILE, "cpu") if RNG_FILE in listed else None,
         state=read_state(path),
     )
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({exc}): use another checkpoint") from None
+
+
+def read_tensors_pickle(path: Path, map_location: str | torch.device) -> Any:
+    """optimizer.pt or rng.pt, unpickled with torch's weights_only loader: tensors and plain containers only."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"refusing to load {path}: it holds objects other than tensors "
+                              "(not written by llamalite?); use another checkpoint") from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{path} cannot be read ({reason}): use another checkpoint") from None
 
 
 def newest_valid_checkpoint(checkpoints_dir: Path, on_corrupt=None) -> Checkpoint | None:
@@ -171,16 +195,37 @@ def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().contiguous().cpu() for name, tensor in state.items()}
 
 
-def load_model_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], assign: bool = False) -> None:
+def load_model_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], assign: bool = False,
+                       source: Path | str = "the checkpoint") -> None:
     """Load tensors saved by model_tensors. assign=True takes the tensors themselves (a model built on the meta
-    device), and ties the output head to the embeddings again."""
+    device), and ties the output head to the embeddings again. Tensors that do not fit the model are a
+    CheckpointError naming the tensor and `source`."""
     tied = getattr(model.config, "tie_embeddings", False)
     tensors = dict(tensors)
     if tied:
-        tensors["lm_head.weight"] = tensors["embed_tokens.weight"]
+        tensors["lm_head.weight"] = tensors.get("embed_tokens.weight")
+    check_tensors_fit(model, tensors, source)
     model.load_state_dict(tensors, assign=assign)
     if tied and assign:
         model.lm_head.weight = model.embed_tokens.weight
+
+
+def check_tensors_fit(model: nn.Module, tensors: dict[str, torch.Tensor | None], source: Path | str) -> None:
+    expected = model.state_dict()
+    missing = [name for name in expected if tensors.get(name) is None]
+    if missing:
+        raise CheckpointError(f"{source} lacks tensor {missing[0]} that the model of its config needs"
+                              f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}: "
+                              "the weights and the config disagree; use another checkpoint")
+    unexpected = [name for name in tensors if name not in expected]
+    if unexpected:
+        raise CheckpointError(f"{source} holds tensor {unexpected[0]} that the model of its config does not have: "
+                              "the weights and the config disagree; use another checkpoint")
+    for name, tensor in tensors.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise CheckpointError(f"{source}: tensor {name} has shape {tuple(tensor.shape)} but the model of its "
+                                  f"config expects {tuple(expected[name].shape)}: the weights and the config "
+                                  "disagree; use another checkpoint")
 
 
 # ------------------------------------------------------------------------------------------------- RNG
@@ -209,8 +254,8 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 # ------------------------------------------------------------------------------------------------- writing
 def remove_stale_temps(checkpoints_dir: Path) -> None:
-    """Temporary directories left by a write that crashed; never a valid checkpoint."""
-    for stale in checkpoints_dir.glob(f"{TEMP_PREFIX}step_*"):
+    """Temporary directories left by a write or a pruning that crashed; never a valid checkpoint."""
+    for stale in checkpoints_dir.glob(f"{TEMP_PREFIX}*step_*"):
         shutil.rmtree(stale, ignore_errors=True)
 
 
@@ -227,15 +272,21 @@ def begin_checkpoint_dir(final: Path) -> Path:
     return tmp
 
 
-def commit_checkpoint_dir(tmp: Path, final: Path) -> Path:
+def commit_checkpoint_dir(tmp: Path, final: Path, keep_other_files: bool = False) -> Path:
     """The one atomic commit: checksums of every file in `tmp` (relative paths), fsync of files and folders, then
-    the rename to `final`. Readers see either no checkpoint at `final` or a complete one."""
+    the rename to `final`. Readers see either no checkpoint at `final` or a complete one.
+
+    A `final` that exists is replaced, unless keep_other_files (a user's folder, written with --force): then the
+    files move in one by one, checksums.json last, and files of other names stay."""
     files = sorted(f for f in tmp.rglob("*") if f.is_file())
     checksums = {f.relative_to(tmp).as_posix(): sha256_file(f) for f in files}
     (tmp / CHECKSUMS).write_text(json.dumps(checksums, indent=2))
     folders = sorted({f.parent for f in files} | {tmp}, key=lambda p: len(p.parts), reverse=True)
     for path in [*files, tmp / CHECKSUMS, *folders]:
         fsync(path)
+    if keep_other_files:
+        move_into(tmp, final, last=CHECKSUMS)
+        return final
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -255,10 +306,12 @@ def write_checkpoint_dir(
     optimizer: torch.optim.Optimizer | None,
     trainer_state: dict[str, Any],
     extra_files: dict[str, Path] | None = None,
+    keep_other_files: bool = False,
 ) -> Path:
     """Write one single-file checkpoint directory at `final`, atomically.
 
-    `extra_files` (name -> source) are copied in before the checksums, which then cover them too.
+    `extra_files` (name -> source) are copied in before the checksums, which then cover them too. keep_other_files:
+    see commit_checkpoint_dir.
     """
     tmp = begin_checkpoint_dir(final)
     save_file(model_tensors(model), tmp / WEIGHTS_FILE)
@@ -267,7 +320,7 @@ def write_checkpoint_dir(
     if optimizer is not None:
         torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
     write_state_files(tmp, trainer_state)
-    return commit_checkpoint_dir(tmp, final)
+    return commit_checkpoint_dir(tmp, final, keep_other_files)
 
 
 def save_checkpoint(
@@ -285,6 +338,28 @@ def save_checkpoint(
     return final
 
 
+def describe_write_failure(exc: BaseException, folder: Path) -> str | None:
+    """Why a checkpoint write failed, when the cause is space (a full disk, a quota, a file-size limit); None for any
+    other failure, which is a bug to show with its traceback. torch.save and safetensors wrap the OSError in their own
+    exceptions, so their text is read too."""
+    code = exc.errno if isinstance(exc, OSError) else None
+    text = str(exc).lower()
+    size_limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    too_large = (f"a file reached the size limit of this process (ulimit -f: {size_limit:,} bytes) in {folder}"
+                 if size_limit != resource.RLIM_INFINITY else f"a file reached the filesystem's size limit in {folder}")
+    if code in (errno.ENOSPC, errno.EDQUOT) or "no space left" in text or "quota" in text:
+        return f"no space left on {folder}"
+    if code == errno.EFBIG or "file too large" in text:
+        return too_large
+    if "file write failed" in text or "inline_container" in text:  # torch.save does not say why: look
+        if size_limit != resource.RLIM_INFINITY:
+            return too_large
+        if shutil.disk_usage(folder).free < LOW_SPACE_BYTES:
+            return f"no space left on {folder}"
+        return f"a write in {folder} failed (a full disk, a quota or a file-size limit)"
+    return None
+
+
 def write_latest(checkpoints_dir: Path, name: str) -> None:
     atomic_write_text(checkpoints_dir / LATEST, name + "\n")
 
@@ -298,6 +373,10 @@ def prune_checkpoints(checkpoints_dir: Path, keep_last: int, milestone_interval:
         step = checkpoint_step(path)
         is_milestone = milestone_interval > 0 and step % milestone_interval == 0
         if path not in newest and not is_milestone:
-            shutil.rmtree(path)
+            # Renamed away first: a kill during the deletion leaves a temporary directory, never a partial checkpoint
+            doomed = path.with_name(f"{TEMP_PREFIX}pruned_{path.name}")
+            shutil.rmtree(doomed, ignore_errors=True)
+            os.replace(path, doomed)
+            shutil.rmtree(doomed)
             removed.append(path)
     return removed

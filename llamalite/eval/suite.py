@@ -2,7 +2,8 @@
 
 Each evaluation of one step is one record of the run's `evals.jsonl`:
   {"step", "tokens", "time", "seconds", "source": "train" | "eval", "checkpoint", "limit",
-   "metrics": {"eval/<task>/<metric>": value, "val/loss": ..., ...}, "chance": {task: p}, "n": {task: examples}}
+   "metrics": {"eval/<task>/<metric>": value, "val/loss": ..., ...}, "chance": {task: p}, "n": {task: examples},
+   "task_data": {task: fingerprint of the task's data (task_data_fingerprint)}}
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 from llamalite.config import EvalConfig
 from llamalite.eval.harness import LogitsFn, TaskResult, example_requests, flat_metrics, score_requests, task_metrics
-from llamalite.eval.tasks import Example, TaskSpec, load_examples, resolve_tasks, task_source
+from llamalite.eval.tasks import Example, TaskSpec, load_examples, resolve_tasks, task_data_fingerprint, task_source
 from llamalite.tokenizer import Tokenizer
 
 EVALS_FILE = "evals.jsonl"
@@ -27,6 +28,7 @@ class LoadedTask:
     spec: TaskSpec
     examples: list[Example]
     requests: list[tuple[list[int], list[int]]]  # tokenized once, scored at every evaluation
+    fingerprint: str  # of the task's data: an evaluation on other data is another result
 
 
 class BenchmarkSuite:
@@ -37,8 +39,14 @@ class BenchmarkSuite:
         self.tokenizer = tokenizer
         self.tasks = []
         for spec in resolve_tasks(task_names if task_names is not None else eval_cfg.tasks):
-            examples = load_examples(spec, task_source(spec, eval_cfg.data_dir, eval_cfg.task_files), eval_cfg.limit)
-            self.tasks.append(LoadedTask(spec, examples, example_requests(tokenizer, examples)))
+            source = task_source(spec, eval_cfg.data_dir, eval_cfg.task_files)
+            examples = load_examples(spec, source, eval_cfg.limit)
+            self.tasks.append(LoadedTask(spec, examples, example_requests(tokenizer, examples),
+                                         task_data_fingerprint(spec, source)))
+
+    @property
+    def task_data(self) -> dict[str, str]:
+        return {task.spec.name: task.fingerprint for task in self.tasks}
 
     def run(self, logits_fn: LogitsFn, max_length: int, device: torch.device,
             autocast: Any = None) -> dict[str, TaskResult]:
@@ -53,6 +61,7 @@ class BenchmarkSuite:
 def eval_record(
     step: int, tokens: int, seconds: float, source: str, results: dict[str, TaskResult],
     val: dict[str, float] | None = None, checkpoint: str | None = None, limit: int | None = None,
+    task_data: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     return {
         "step": step, "tokens": tokens, "time": time.time(), "seconds": seconds, "source": source,
@@ -60,4 +69,5 @@ def eval_record(
         "metrics": {**(val or {}), **flat_metrics(results)},
         "chance": {name: r.chance for name, r in results.items()},
         "n": {name: r.n for name, r in results.items()},
+        "task_data": task_data or {},
     }

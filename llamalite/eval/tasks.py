@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from llamalite.errors import DataError, did_you_mean
+from llamalite.files import sha256_file
 
 MULTIPLE_CHOICE = "multiple_choice"
 LOGLIKELIHOOD = "loglikelihood"
@@ -182,6 +183,11 @@ def task_source(spec: TaskSpec, data_dir: str | None, task_files: dict[str, str]
                             f"add it, or name it with eval.task_files.{spec.name}=PATH")
         return found
     return None
+
+
+def task_data_fingerprint(spec: TaskSpec, path: Path | None) -> str:
+    """What a task's scores depend on besides the model: the sha256 of its local file, or its hub dataset."""
+    return f"sha256:{sha256_file(path)}" if path is not None else f"hub:{':'.join(map(str, spec.hub))}"
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:

@@ -25,7 +25,7 @@ from llamalite.checkpoint.format import load_model_tensors, model_tensors, write
 from llamalite.checkpoint.inference import load_for_inference
 from llamalite.config import Config
 from llamalite.errors import ExportError
-from llamalite.files import read_jsonl
+from llamalite.files import check_output_dir, move_into, read_jsonl
 from llamalite.model.llama import Llama, ModelConfig
 from llamalite.tokenizer import Tokenizer
 
@@ -50,13 +50,14 @@ def export_checkpoint(
     trim_vocab: bool = False,
     shard_size: str = "5GB",
     tokenizer_path: Path | None = None,
+    force: bool = False,
 ) -> Path:
     """Write `checkpoint` (a checkpoint directory, or a run directory: its newest checkpoint) as a transformers
-    folder."""
+    folder. out_dir must be new or empty unless `force`: then files of other names in it are kept."""
     if dtype not in DTYPES:
         raise ExportError(f"unknown export dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     max_shard_bytes = parse_size(shard_size)
-    _check_replaceable(out_dir, marker="config.json", what="an export")
+    check_output_dir(out_dir, force, "the export")
     loaded = load_for_inference(checkpoint, tokenizer_path, allow_lora=False)  # LoRA: `llamalite merge` first
     checkpoint, state, tokenizer, model = loaded.path, loaded.state, loaded.tokenizer, loaded.model
     check_exportable(model.config)
@@ -74,8 +75,7 @@ def export_checkpoint(
     tokenizer.save(tmp / "tokenizer.json")
     write_json(tmp / "tokenizer_config.json", tokenizer_config(special, model.config.max_seq_len, state["config"]))
     (tmp / "README.md").write_text(model_card(checkpoint, state, model, vocab_size, dtype_name))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    move_into(tmp, out_dir)
     return out_dir
 
 
@@ -246,12 +246,13 @@ def eval_table(run_dir: Path | None) -> list[str]:
 
 
 # ================================================================================================= import
-def import_hf(hf_dir: Path, out_dir: Path) -> Path:
-    """Convert a local transformers Llama folder (config.json + safetensors) into a llamalite checkpoint at out_dir."""
+def import_hf(hf_dir: Path, out_dir: Path, force: bool = False) -> Path:
+    """Convert a local transformers Llama folder (config.json + safetensors) into a llamalite checkpoint at out_dir,
+    which must be new or empty unless `force` (then files of other names in it are kept)."""
     hf_config_file = hf_dir / "config.json"
     if not hf_config_file.is_file():
         raise ExportError(f"{hf_config_file} not found: pass a transformers model folder (config.json + *.safetensors)")
-    _check_replaceable(out_dir, marker="trainer_state.json", what="a checkpoint")
+    check_output_dir(out_dir, force, "the imported checkpoint")
     hf = {**HF_DEFAULTS, **json.loads(hf_config_file.read_text())}
     check_supported(hf)
     model = Llama(model_config_from_hf(hf))
@@ -276,7 +277,7 @@ def import_hf(hf_dir: Path, out_dir: Path) -> Path:
         "special_tokens": special,
     }
     extra = {"tokenizer.json": tokenizer_file} if tokenizer else {}
-    return write_checkpoint_dir(out_dir, model, None, state, extra_files=extra)
+    return write_checkpoint_dir(out_dir, model, None, state, extra_files=extra, keep_other_files=True)
 
 
 def check_supported(hf: dict[str, Any]) -> None:
@@ -378,12 +379,5 @@ def hf_special_tokens(hf_dir: Path, hf: dict[str, Any], tokenizer_file: Path) ->
 
 
 # ================================================================================================= helpers
-def _check_replaceable(out_dir: Path, marker: str, what: str) -> None:
-    """An output directory may be new, empty, or a previous output (holds `marker`); anything else is not
-    overwritten."""
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / marker).exists():
-        raise ExportError(f"{out_dir} exists and is not {what}: choose a new directory or empty it")
-
-
 def write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")

@@ -43,9 +43,22 @@ def muon_split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]
     return hidden, other
 
 
+def check_learning_rates(cfg: OptimConfig) -> None:
+    """Learning rates with which a run cannot learn, or whose decay would raise the LR."""
+    for key, value in (("lr", cfg.lr), ("muon_lr", cfg.muon_lr)):
+        if value is not None and not value > 0:
+            raise ConfigError(f"optim.{key}={value}: a run with a peak LR of {value} cannot learn; "
+                              f"set optim.{key} to a positive value such as 6e-4")
+    if cfg.min_lr < 0 or cfg.min_lr > cfg.lr:
+        effect = "raise the LR" if cfg.min_lr > cfg.lr else "turn the LR negative"
+        raise ConfigError(f"optim.min_lr={cfg.min_lr} lies outside [0, optim.lr={cfg.lr}]: the decay would {effect}; "
+                          f"set optim.min_lr between 0 and optim.lr (e.g. {cfg.lr / 10:g})")
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str, parallel: str = "none"):
     if cfg.name not in OPTIMIZERS:
         raise ConfigError(f"unknown optim.name {cfg.name!r}: choose one of {', '.join(OPTIMIZERS)}")
+    check_learning_rates(cfg)
     fused = cfg.fused if cfg.fused is not None else device_type in ("cuda", "cpu")
     if cfg.name == "adamw":
         return _adamw(parameter_groups(model, cfg.weight_decay), cfg, fused)

@@ -16,13 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from llamalite import __version__
 from llamalite.checkpoint.format import (
+    WEIGHTS_FILE,
     Checkpoint,
     checkpoint_name,
     checkpoint_step,
+    describe_write_failure,
     is_sharded,
     list_checkpoints,
     load_checkpoint,
@@ -31,6 +34,7 @@ from llamalite.checkpoint.format import (
     prune_checkpoints,
     restore_rng_state,
     save_checkpoint,
+    temp_dir_of,
 )
 from llamalite.checkpoint.sharded import load_full_state, load_sharded, save_sharded_checkpoint
 from llamalite.config import Config, save_config
@@ -38,6 +42,7 @@ from llamalite.data.loader import TokenLoader, read_manifest, validation_batches
 from llamalite.errors import LlamaliteError, TrainError
 from llamalite.eval.harness import validation_metrics
 from llamalite.eval.suite import EVALS_FILE, BenchmarkSuite
+from llamalite.files import folder_lock
 from llamalite.generate import sample
 from llamalite.model.llama import Llama, ModelConfig
 from llamalite.model.presets import training_flops_per_token
@@ -93,6 +98,8 @@ class TrainResult:
 
 
 class Trainer:
+    activity = "trained"  # what a second process is told the run directory is being
+
     def __init__(self, config: Config):
         self.config = config
         self.train_cfg = config.train
@@ -139,6 +146,9 @@ class Trainer:
         self._stop_signal: int | None = None
         self.skip_reason: str | None = None  # why the stability guard skipped the last update, if it did
         self._first_step = 0  # the step this invocation started from (for the ETA)
+        self._last_save = time.monotonic()  # for train.save_interval_minutes
+        self._held = contextlib.ExitStack()  # fit() holds the run directory's lock in it
+        self._restarted = False  # the run directory held a run that never wrote a checkpoint: started over
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return autocast_context(self.device, self.dtype)
@@ -146,7 +156,13 @@ class Trainer:
     # Hooks that fine-tuning (llamalite/sft.py) overrides to bring its base model, tokenizer and data.
     def build_tokenizer(self) -> Tokenizer:
         self.manifest = read_manifest(self.data_dir)
-        return Tokenizer.load(self.data_dir / self.manifest["tokenizer"]["file"], self.config.tokenizer.eos_token)
+        path = self.data_dir / self.manifest["tokenizer"]["file"]
+        tokenizer = Tokenizer.load(path, self.config.tokenizer.eos_token)
+        if tokenizer.fingerprint != self.manifest["tokenizer"].get("fingerprint", tokenizer.fingerprint):
+            raise TrainError(f"{path} is not the tokenizer the shards of {self.data_dir} were encoded with (its "
+                             "fingerprint differs from the manifest's): put the original back, or run "
+                             "`llamalite prepare` again to re-encode the data")
+        return tokenizer
 
     def build_model(self) -> torch.nn.Module:
         return Llama(self.config.model)
@@ -216,8 +232,12 @@ class Trainer:
             return run_dir, checkpoint, corrupt
         return self.config.run_path(), load_checkpoint(path) if path is not None else None, corrupt
 
+    def on_run_dir_ready(self, run_dir: Path) -> None:
+        """Hook: write files of the run directory, which this process now holds (rank 0 only)."""
+
     def _prepare_run_dir(self) -> tuple[Path, Checkpoint | None, list[tuple[Path, str]]]:
         run_dir = self.config.run_path()
+        self._held.enter_context(folder_lock(run_dir, self.activity))
         holds_run = (run_dir / "metrics.jsonl").exists() or any(list_checkpoints(run_dir / "checkpoints"))
         checkpoint, corrupt = None, []
         if holds_run and self.train_cfg.overwrite:
@@ -229,15 +249,19 @@ class Trainer:
                                                  on_corrupt=lambda p, why: corrupt.append((p, why)))
             for path, why in corrupt:
                 logger.warning(f"checkpoint {path.name} is unusable ({why}): trying the previous one")
-            if checkpoint is None:
+            if checkpoint is None and corrupt:
                 raise TrainError(
-                    f"{run_dir} holds a run but no valid checkpoint to resume from: pick another name (name=...) "
-                    "or pass train.overwrite=true to delete it and start over"
+                    f"{run_dir} holds {len(corrupt)} checkpoint(s) and none is usable (newest: {corrupt[0][1]}): "
+                    "pick another name (name=...) or pass train.overwrite=true to delete the run and start over"
                 )
-            for name in ("metrics.jsonl", "samples.jsonl", EVALS_FILE):  # the steps after the checkpoint will be redone
-                truncate_jsonl_after(run_dir / name, checkpoint.step)
+            # The steps after the checkpoint will be redone; with no checkpoint at all (stopped before its first one)
+            # there is nothing to lose, and the same command starts the run over.
+            self._restarted = checkpoint is None
+            for name in ("metrics.jsonl", "samples.jsonl", EVALS_FILE):
+                truncate_jsonl_after(run_dir / name, checkpoint.step if checkpoint else -1)
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(self.config, run_dir / "config.yaml")
+        self.on_run_dir_ready(run_dir)
         return run_dir, checkpoint, corrupt
 
     def _resume(self, checkpoint: Checkpoint, run_dir: Path, metrics: MetricsLogger | NullLogger) -> None:
@@ -284,7 +308,7 @@ class Trainer:
         elif self.parallel == "fsdp":
             load_full_state(self.model, None, checkpoint.model, None)
         else:
-            load_model_tensors(self.model, checkpoint.model)
+            load_model_tensors(self.model, checkpoint.model, source=checkpoint.path / WEIGHTS_FILE)
 
     def _load_optimizer_state(self, checkpoint: Checkpoint) -> None:
         if is_sharded(checkpoint.path):
@@ -395,16 +419,35 @@ class Trainer:
             "code_version": __version__,
         }
         checkpoints_dir = run_dir / "checkpoints"
-        if self.parallel == "fsdp":  # every rank writes its shards (DCP); rank 0 completes the directory
-            path = save_sharded_checkpoint(checkpoints_dir, self.step, self.model, self.optimizer, state)
-        elif self.dist.is_main:  # replicated state: rank 0 alone writes it
-            path = save_checkpoint(checkpoints_dir, self.step, self.model, self.optimizer, state)
-        else:
-            path = checkpoints_dir / checkpoint_name(self.step)
-        if self.dist.is_main:
+        path, problem = checkpoints_dir / checkpoint_name(self.step), None
+        previous = list_checkpoints(checkpoints_dir)
+        try:
+            if self.parallel == "fsdp":  # every rank writes its shards (DCP); rank 0 completes the directory
+                save_sharded_checkpoint(checkpoints_dir, self.step, self.model, self.optimizer, state)
+            elif self.dist.is_main:  # replicated state: rank 0 alone writes it
+                save_checkpoint(checkpoints_dir, self.step, self.model, self.optimizer, state)
+        except (OSError, RuntimeError, SafetensorError) as exc:
+            problem = self._write_failure(exc, path, previous)
+        if self.dist.is_main and problem is None:
             prune_checkpoints(checkpoints_dir, self.train_cfg.keep_checkpoints, self.train_cfg.milestone_interval)
-        barrier()  # no rank runs ahead (or exits) before the checkpoint is complete
+        if self.parallel != "fsdp":  # no rank runs ahead (or exits) before the checkpoint is complete
+            problem = broadcast_from_main(problem)
+        barrier()
+        if problem is not None:
+            raise problem
+        self._last_save = time.monotonic()
         return path
+
+    def _write_failure(self, exc: BaseException, path: Path, previous: list[Path]) -> TrainError:
+        """The one-line error of a checkpoint write that failed for lack of space (the exception itself otherwise)."""
+        reason = describe_write_failure(exc, path.parent)
+        if reason is None:
+            raise exc
+        shutil.rmtree(temp_dir_of(path), ignore_errors=True)  # our partial write: give the space back
+        intact = (f"step {checkpoint_step(previous[-1])} (the previous checkpoint) is intact" if previous
+                  else "there is no earlier checkpoint, so the rerun starts the run over")
+        return TrainError(f"checkpoint at step {self.step} not written: {reason}; the run stopped at step "
+                          f"{self.step}; {intact}: free space and rerun the same command")
 
     @contextlib.contextmanager
     def _stop_on_signals(self):
@@ -428,12 +471,20 @@ class Trainer:
     def fit(self) -> TrainResult:
         """Train to train.max_steps (or a stop), resuming the run directory's newest valid checkpoint if it has one.
 
-        Every rank computes everything; only rank 0 writes run files (the others log nothing either)."""
+        Every rank computes everything; only rank 0 writes run files (the others log nothing either). Rank 0 holds
+        the run directory's lock throughout: a second trainer on it is refused."""
+        with contextlib.ExitStack() as self._held:
+            return self._fit()
+
+    def _fit(self) -> TrainResult:
         run_dir, checkpoint, corrupt = self._open_run_dir()
         cfg = self.train_cfg
         metrics = MetricsLogger(run_dir) if self.dist.is_main else NullLogger()
         for path, why in corrupt:
             metrics.event(checkpoint_step(path), "checkpoint_corrupted", checkpoint=path.name, reason=why)
+        if self._restarted:
+            metrics.event(0, "restart", reason="no checkpoint: the previous attempt stopped before its first one")
+            logger.warning(f"{run_dir} holds a run that stopped before its first checkpoint: starting it over")
         if checkpoint is not None:
             self._resume(checkpoint, run_dir, metrics)
         else:
@@ -493,25 +544,31 @@ class Trainer:
                 result.checkpoint = self.save(run_dir)
                 metrics.event(self.step, "stopped", reason="train.stop_at_step", checkpoint=result.checkpoint.name)
                 break
-            if self._stop_requested():
+            stop_signal, save_due = self._agree(self._stop_signal or 0, int(self._checkpoint_due()))
+            self._stop_signal = stop_signal or None
+            if self._stop_signal is not None:
                 result.checkpoint = self.save(run_dir)
                 name = signal.Signals(self._stop_signal).name
                 metrics.event(self.step, "stopped", signal=name, checkpoint=result.checkpoint.name)
                 logger.info(f"{name}: saved {result.checkpoint} and stopped; run the same command again to resume")
                 result.stopped_by = name
                 break
-            if last or (cfg.save_interval and self.step % cfg.save_interval == 0):
+            if last or save_due or (cfg.save_interval and self.step % cfg.save_interval == 0):
                 result.checkpoint = self.save(run_dir)
         return train_time, train_tokens
 
-    def _stop_requested(self) -> bool:
-        """Whether a signal asked to stop; across ranks, any rank's signal stops all of them at the same step."""
+    def _checkpoint_due(self) -> bool:
+        minutes = self.train_cfg.save_interval_minutes
+        return minutes > 0 and time.monotonic() - self._last_save >= minutes * 60
+
+    def _agree(self, *flags: int) -> list[int]:
+        """Each flag's maximum over the ranks, in one all-reduce: any rank's stop signal, or its due checkpoint,
+        acts on every rank at the same step."""
         if not self.dist.active:
-            return self._stop_signal is not None
-        signum = torch.tensor(self._stop_signal or 0, device=self.device)
-        torch.distributed.all_reduce(signum, op=torch.distributed.ReduceOp.MAX)
-        self._stop_signal = int(signum) or None
-        return self._stop_signal is not None
+            return list(flags)
+        values = torch.tensor(flags, device=self.device)
+        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
+        return [int(value) for value in values.tolist()]
 
     def _record_skip(self, run_dir: Path, metrics: MetricsLogger | NullLogger, result: TrainResult,
                      loss: float) -> None:

@@ -96,6 +96,20 @@ def test_separator_splits_files_and_invalid_utf8_is_replaced(tmp_path: Path, mak
     assert manifest["splits"]["val"] == {"documents": 0, "tokens": 0, "shards": []}
 
 
+def test_binary_files_are_skipped_and_replaced_bytes_counted_in_the_summary(text_folder: Path, make_config,
+                                                                            caplog) -> None:
+    (text_folder / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)))
+    (text_folder / "latin1.txt").write_bytes(b"caf\xe9 cr\xe8me br\xfbl\xe9e " * 20 + "\ufffd kept".encode())
+    with caplog.at_level("INFO"):
+        manifest = prepare(make_config([SourceConfig(type="text", path=str(text_folder))]))
+    documents = manifest["documents"]
+    assert documents["dropped"]["binary_file"] == 1 and documents["seen"] == 62 and documents["kept"] == 61
+    assert documents["replaced_bytes"] == 80  # four invalid bytes per repeat; the file's own U+FFFD is not counted
+    summary = next(r.message for r in caplog.records if r.message.startswith("prepared "))
+    assert "1 binary files)" in summary and "80 invalid UTF-8 bytes replaced by U+FFFD" in summary
+    assert any("skipping" in r.message and "image.png" in r.message for r in caplog.records)
+
+
 @pytest.mark.parametrize("separator", ["\n\n", "<doc>", "aa"])
 def test_separator_split_streams_like_str_split(separator: str) -> None:
     text = "aaa\n\n\nb<doc><doc>caaaa<do" * 50
@@ -122,7 +136,8 @@ def test_jsonl_filters_are_counted(tmp_path: Path, make_config, make_documents) 
     assert manifest["documents"] == {
         "seen": 45,
         "kept": 40,
-        "dropped": {"empty": 1, "too_short": 2, "low_score": 0, "duplicate": 2},
+        "dropped": {"empty": 1, "too_short": 2, "low_score": 0, "duplicate": 2, "binary_file": 0},
+        "replaced_bytes": 0,
     }
 
 
@@ -177,13 +192,16 @@ def test_rerun_reuses_finished_work(text_folder: Path, make_config, caplog) -> N
     config = make_config([SourceConfig(type="text", path=str(text_folder))])
     first = prepare(config)
     out_dir = Path(config.data.out_dir)
-    mtimes = {p.name: p.stat().st_mtime_ns for p in out_dir.iterdir()}
+    def data_files_mtimes() -> dict[str, int]:  # .lock names the last process that held the folder: not data
+        return {p.name: p.stat().st_mtime_ns for p in out_dir.iterdir() if p.name != ".lock"}
+
+    mtimes = data_files_mtimes()
     caplog.clear()
 
     second = prepare(config)
     assert "up to date" in caplog.text
     assert second == first
-    assert {p.name: p.stat().st_mtime_ns for p in out_dir.iterdir()} == mtimes
+    assert data_files_mtimes() == mtimes
 
 
 def test_changed_settings_rebuild_and_reuse_the_trained_tokenizer(text_folder: Path, make_config, caplog) -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llamalite.checkpoint.format import save_checkpoint
+from llamalite.checkpoint.format import load_checkpoint, save_checkpoint
 from llamalite.checkpoint.inference import load_for_inference
 from llamalite.cli import main
 from llamalite.config import Config, DataConfig
@@ -311,13 +311,51 @@ def test_cli_export_of_a_missing_checkpoint_is_a_one_line_error(tmp_path, capsys
     assert "checkpoint not found" in err and err.count("\n") == 1
 
 
-def test_cli_export_refuses_to_overwrite_a_folder_that_is_not_an_export(tokenizer_dir, tmp_path, capsys):
+def user_folder(path, files):
+    path.mkdir()
+    for name, text in files.items():
+        (path / name).write_text(text)
+    return path
+
+
+def test_cli_export_refuses_a_folder_that_is_not_empty_and_force_keeps_the_users_other_files(tokenizer_dir, tmp_path,
+                                                                                              capsys):
     checkpoint = write_checkpoint(tmp_path / "run", random_model(padded_vocab(tokenizer_dir)), tokenizer_dir)
-    (tmp_path / "precious").mkdir()
-    (tmp_path / "precious" / "notes.txt").write_text("keep me")
-    assert main(["export", str(checkpoint), str(tmp_path / "precious")]) == 2
-    assert "is not an export" in capsys.readouterr().err
-    assert (tmp_path / "precious" / "notes.txt").exists()
+    model_dir = user_folder(tmp_path / "my-model", {"config.json": '{"mine": 1}', "notes.txt": "keep me"})
+    assert main(["export", str(checkpoint), str(model_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "is not empty (config.json, notes.txt)" in err and "--force" in err and err.count("\n") == 1
+    assert (model_dir / "config.json").read_text() == '{"mine": 1}' and sorted(p.name for p in model_dir.iterdir()) \
+        == ["config.json", "notes.txt"]
+
+    assert main(["export", str(checkpoint), str(model_dir), "--force"]) == 0
+    assert (model_dir / "notes.txt").read_text() == "keep me"
+    assert json.loads((model_dir / "config.json").read_text())["model_type"] == "llama"
+    assert not (tmp_path / ".tmp_my-model").exists()
+    exported = hf_logits(model_dir, random_tokens(300))
+    assert torch.allclose(exported, hf_logits(export_checkpoint(checkpoint, tmp_path / "fresh"), random_tokens(300)))
+
+
+def test_cli_import_refuses_an_existing_checkpoint_and_force_keeps_files_it_does_not_write(tokenizer_dir, tmp_path,
+                                                                                          capsys):
+    hf_dir = export_checkpoint(write_checkpoint(tmp_path / "run", random_model(padded_vocab(tokenizer_dir)),
+                                                tokenizer_dir), tmp_path / "hf")
+    trained = write_checkpoint(tmp_path / "other", random_model(padded_vocab(tokenizer_dir), seed=3), tokenizer_dir)
+    before = {p.name: p.read_bytes() for p in trained.iterdir()}
+    assert main(["import", str(hf_dir), str(trained)]) == 2
+    err = capsys.readouterr().err
+    assert "is not empty" in err and "--force" in err and err.count("\n") == 1
+    assert {p.name: p.read_bytes() for p in trained.iterdir()} == before
+
+    (trained / "notes.txt").write_text("keep me")
+    torch.save({"state": {}, "param_groups": []}, trained / "optimizer.pt")  # not the import's: must not be read
+    assert main(["import", str(hf_dir), str(trained), "--force"]) == 0
+    assert (trained / "notes.txt").read_text() == "keep me"
+    loaded = load_for_inference(trained)
+    reference = load_for_inference(import_hf(hf_dir, tmp_path / "fresh"))
+    tokens = random_tokens(300)
+    assert torch.equal(our_logits(loaded.model, tokens), our_logits(reference.model, tokens))
+    assert load_checkpoint(trained).optimizer is None  # optimizer.pt is not listed in the import's checksums
 
 
 # ------------------------------------------------------------------------------------------------ lm_eval

@@ -55,11 +55,12 @@ def test_bf16_autocast_trains(corpus_dir, prepared_dir, tmp_path):
     assert result.val_losses[-1][1] < result.val_losses[0][1]
 
 
-def test_a_run_without_a_valid_checkpoint_is_not_overwritten_by_accident(corpus_dir, prepared_dir, tmp_path):
+def test_a_run_without_any_checkpoint_starts_over_and_overwrite_deletes_the_run(corpus_dir, prepared_dir, tmp_path):
     make_trainer(corpus_dir, prepared_dir, tmp_path / "r", max_steps=1).fit()
     shutil.rmtree(tmp_path / "r" / "checkpoints")
-    with pytest.raises(TrainError, match="no valid checkpoint"):
-        make_trainer(corpus_dir, prepared_dir, tmp_path / "r", max_steps=1).fit()
+    make_trainer(corpus_dir, prepared_dir, tmp_path / "r", max_steps=1).fit()
+    assert [e["event"] for e in read_jsonl(tmp_path / "r" / "events.jsonl")] == ["start", "restart", "start"]
+    assert [m["step"] for m in read_jsonl(tmp_path / "r" / "metrics.jsonl") if "train/loss" in m] == [1]
     make_trainer(corpus_dir, prepared_dir, tmp_path / "r", max_steps=1, overwrite=True).fit()
     assert [e["event"] for e in read_jsonl(tmp_path / "r" / "events.jsonl")] == ["start"]
 
