@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -25,6 +26,10 @@ from llamalite.runtime import is_main_process, setup_logging, shutdown_distribut
 from llamalite.sft import merge, run_sft
 from llamalite.train.optim import build_optimizer
 from llamalite.train.trainer import Trainer
+
+# A run stopped by SIGTERM/SIGINT after saving a checkpoint: not finished, so not 0 (Slurm would record the job as
+# done); EX_TEMPFAIL, "try again", which a batch script turns into `scontrol requeue` (docs/scaling.md).
+EXIT_STOPPED = 75
 
 
 def cmd_model_info(args: argparse.Namespace) -> None:
@@ -55,7 +60,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     prepare(load_config(args.config, args.overrides))
 
 
-def cmd_train(args: argparse.Namespace) -> None:
+def cmd_train(args: argparse.Namespace) -> int:
     try:
         result = Trainer(load_config(args.config, args.overrides)).fit()
         is_main = is_main_process()
@@ -66,6 +71,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     stopped = f"; stopped by {result.stopped_by}, run the same command to resume" if result.stopped_by else ""
     print(f"run directory: {result.run_dir}  ({result.steps} steps, {result.tokens:,} tokens, "
           f"{result.tokens_per_s:,.0f} tokens/s{stopped})")
+    return EXIT_STOPPED if result.stopped_by else 0
 
 
 def cmd_consolidate(args: argparse.Namespace) -> None:
@@ -76,8 +82,9 @@ def cmd_consolidate(args: argparse.Namespace) -> None:
     print(f"consolidated {args.checkpoint} -> {out} (single-file weights, optimizer and trainer state)")
 
 
-def cmd_demo(args: argparse.Namespace) -> None:
-    run_demo(args.config, args.overrides, args.sft_override, args.alpaca)
+def cmd_demo(args: argparse.Namespace) -> int:
+    stopped_by = run_demo(args.config, args.overrides, args.sft_override, args.alpaca).stopped_by
+    return 128 + signal.Signals[stopped_by] if stopped_by else 0
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -146,11 +153,12 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"report: {build_report([Path(p) for p in args.run_dirs], Path(args.out) if args.out else None)}")
 
 
-def cmd_sft(args: argparse.Namespace) -> None:
+def cmd_sft(args: argparse.Namespace) -> int:
     result = run_sft(load_config(args.config, args.overrides))
     stopped = f"; stopped by {result.stopped_by}, run the same command to resume" if result.stopped_by else ""
     print(f"run directory: {result.run_dir}  ({result.steps} steps{stopped}); "
           f"`llamalite merge {result.run_dir} OUT_DIR` writes a plain checkpoint")
+    return EXIT_STOPPED if result.stopped_by else 0
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
@@ -296,12 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command. A user error (LlamaliteError) prints one line and returns 2; any other exception is a bug
-    and propagates with its traceback."""
+    """Run one command. A user error (LlamaliteError) prints one line and returns 2; a training run stopped by a
+    signal returns EXIT_STOPPED; any other exception is a bug and propagates with its traceback."""
     args = build_parser().parse_args(argv)
     setup_logging(logging.DEBUG if os.environ.get("LLAMALITE_DEBUG") else logging.INFO)
     try:
-        args.func(args)
+        code = args.func(args)
     except LlamaliteError as exc:
         if os.environ.get("LLAMALITE_DEBUG"):
             raise
@@ -310,4 +318,4 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("llamalite: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code or 0

@@ -90,6 +90,10 @@ class TrainConfig:
     micro_batch_size: int = 8  # sequences per forward/backward on one device
     seq_len: int | None = None  # None: model.max_seq_len
     max_steps: int = 1000  # the run's length: the LR schedule spans these steps
+    # when a resume finds the LR schedule changed (max_steps, lr, ...): decay (linear from the LR reached to min_lr
+    # over the remaining steps) | stretch (the new schedule as if the run always had it) | keep (the old one);
+    # null: refuse, naming these
+    schedule_change: str | None = None
     stop_at_step: int | None = None  # end this invocation at this step with a checkpoint (time-limited jobs, branching)
     log_interval: int = 10
     eval_interval: int = 250  # val loss every N steps (and at the first and last step); 0 disables
@@ -235,15 +239,31 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.max_steps=100")
     dotted, value_text = item.split("=", 1)
     keys = dotted.strip().split(".")
-    node = raw
-    for key in keys[:-1]:
+    node: Any = raw
+    for depth, key in enumerate(keys[:-1]):
+        if isinstance(node, list):  # a list item by its index, e.g. data.sources.0.max_docs=1000
+            node = node[_list_index(node, key, item, ".".join(keys[:depth]))]
+            continue
         child = node.get(key)
         if child is None:
             child = node[key] = {}
-        if not isinstance(child, dict):
+        if not isinstance(child, (dict, list)):
             raise ConfigError(f"override {item!r}: {key} is a value, not a section")
         node = child
-    node[keys[-1]] = yaml.safe_load(value_text) if value_text.strip() else None
+    value = yaml.safe_load(value_text) if value_text.strip() else None
+    if isinstance(node, list):
+        node[_list_index(node, keys[-1], item, ".".join(keys[:-1]))] = value
+    elif not isinstance(node, dict):
+        raise ConfigError(f"override {item!r}: {keys[-2]} is a value, not a section")
+    else:
+        node[keys[-1]] = value
+
+
+def _list_index(items: list[Any], key: str, item: str, dotted: str) -> int:
+    if not key.isdigit() or int(key) >= len(items):
+        raise ConfigError(f"override {item!r}: {dotted} is a list of {len(items)}, so the key after it must be an "
+                          f"index from 0 to {len(items) - 1}, e.g. {dotted}.0")
+    return int(key)
 
 
 def build_section(cls: type, raw: Any, prefix: str) -> Any:

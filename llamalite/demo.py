@@ -51,10 +51,21 @@ def run_demo(config_path: str | None = None, overrides: Sequence[str] = (), sft_
     prepare(config)
     print(f"[2/2] training the {config.model.preset or 'custom'} model for {config.train.max_steps} steps")
     result = Trainer(config).fit()
+    if result.stopped_by:
+        return stopped(result, "pretraining")
     print_summary(result, time.perf_counter() - started)
-    run_demo_sft(result, sft_overrides, Path(alpaca_file) if alpaca_file else None)
+    sft_result = run_demo_sft(result, sft_overrides, Path(alpaca_file) if alpaca_file else None)
+    if sft_result.stopped_by:
+        return stopped(sft_result, "fine-tuning")
     print(f"report: {build_report([result.run_dir])}  (open it in a browser; llamalite report {result.run_dir} "
           "rebuilds it)")
+    return result
+
+
+def stopped(result: TrainResult, stage: str) -> TrainResult:
+    """The demo ends at the first signal; its rerun starts afresh (train.overwrite=true), so say how to resume."""
+    print(f"\nllamalite demo stopped by {result.stopped_by} during {stage} at step {result.steps}: `llamalite demo` "
+          f"starts afresh; `llamalite train {result.run_dir}/config.yaml train.overwrite=false` resumes this run")
     return result
 
 
@@ -85,7 +96,7 @@ def loss_curve(points: list[tuple[int, float]]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- fine-tuning
-def run_demo_sft(result: TrainResult, overrides: Sequence[str] = (), alpaca_file: Path | None = None) -> None:
+def run_demo_sft(result: TrainResult, overrides: Sequence[str] = (), alpaca_file: Path | None = None) -> TrainResult:
     """The demo's last stage: a short full fine-tuning of the demo model on Alpaca (when a file is given) or on
     instruction pairs made from the demo's own plays, with answers before and after."""
     run_dir = Path(result.run_dir)
@@ -106,6 +117,8 @@ def run_demo_sft(result: TrainResult, overrides: Sequence[str] = (), alpaca_file
     template = trainer.template
     before = _demo_answers(trainer, questions)
     sft_result = trainer.fit()
+    if sft_result.stopped_by:
+        return sft_result
     after = _demo_answers(trainer, questions)
     losses = sft_result.val_losses
     if len(losses) >= 2:
@@ -115,6 +128,7 @@ def run_demo_sft(result: TrainResult, overrides: Sequence[str] = (), alpaca_file
         print(f"\n{template.user_format.replace('{content}', question)}{template.assistant_prefix}")
         print(f"  before: {_one_line(old)}")
         print(f"  after:  {_one_line(new)}")
+    return sft_result
 
 
 def _demo_answers(trainer: SFTTrainer, questions: list[str]) -> list[Answer]:

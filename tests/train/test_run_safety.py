@@ -86,6 +86,30 @@ def test_checkpoints_are_written_by_wall_clock_time(corpus_dir, prepared_dir, tm
     assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == [f"step_000000{i}" for i in (1, 2, 3)]
 
 
+def test_a_run_stopped_by_sigterm_exits_with_the_requeue_code_and_the_same_command_finishes(corpus_dir, prepared_dir,
+                                                                                            tmp_path):
+    run_dir = tmp_path / "run"
+    command = train_command(config_for(corpus_dir, prepared_dir, run_dir, max_steps=100_000, save_interval=0),
+                            tmp_path / "config.yaml")
+    process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.monotonic() + 120
+    while len(losses(run_dir)) < 3:
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 75, err  # EX_TEMPFAIL: not finished, requeue me
+    assert "stopped by SIGTERM, run the same command to resume" in out
+    stopped = read_jsonl(run_dir / "events.jsonl")[-1]
+    assert stopped["event"] == "stopped" and stopped["signal"] == "SIGTERM"
+    assert list_checkpoints(run_dir / "checkpoints")[-1].name == stopped["checkpoint"]
+    finish = subprocess.run([*command, f"train.max_steps={100_000}", f"train.stop_at_step={stopped['step'] + 1}"],
+                            cwd=PROJECT_ROOT, env=ENV, capture_output=True, text=True)
+    assert finish.returncode == 0, finish.stderr
+    assert events(run_dir)[-2:] == ["resume", "stopped"]
+
+
 # ------------------------------------------------------------------------------------------------ the lock
 def test_a_second_trainer_on_a_live_run_is_refused_and_a_kill_leaves_no_stale_lock(corpus_dir, prepared_dir,
                                                                                    tmp_path):
