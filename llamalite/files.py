@@ -112,7 +112,8 @@ LOCK_FILE = ".lock"
 
 @contextmanager
 def folder_lock(folder: str | Path, activity: str) -> Iterator[None]:
-    """Hold an exclusive lock on `folder` while the block runs: a second process asking for it gets BusyError.
+    """Hold an exclusive lock on `folder` while the block runs, doing `activity` ("trained", "prepared"): a second
+    process asking for it gets BusyError, naming the holder and what it does.
 
     The lock is an flock on folder/.lock, so the kernel releases it when the process ends, however it ends (a kill -9
     leaves no stale lock). The file itself stays: it names the last holder, for the message."""
@@ -123,12 +124,13 @@ def folder_lock(folder: str | Path, activity: str) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise BusyError(f"{folder} is being {activity} by {_lock_holder(fd)}: wait for it to end or stop it "
+            raise BusyError(f"{folder} is being {_lock_holder(fd)}: wait for it to end or stop it "
                             "(two processes writing one folder corrupt each other's files)") from None
         except OSError as exc:  # a filesystem without flock (some network mounts): go on unprotected
             logger.warning(f"cannot lock {folder / LOCK_FILE} ({exc.strerror}): nothing stops a second process "
                            "from writing the same folder")
-        holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        holder = {"activity": activity, "pid": os.getpid(), "host": socket.gethostname(),
+                  "since": time.strftime("%Y-%m-%d %H:%M:%S")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder).encode("utf-8"), 0)
         yield
@@ -137,11 +139,13 @@ def folder_lock(folder: str | Path, activity: str) -> Iterator[None]:
 
 
 def _lock_holder(fd: int) -> str:
+    """'<activity> by process P on host H (since T)', from what the holder wrote into the lock file."""
     try:
         holder = json.loads(os.pread(fd, 4096, 0).decode("utf-8"))
-        return f"process {holder['pid']} on host {holder['host']} (since {holder['since']})"
+        return (f"{holder['activity']} by process {holder['pid']} on host {holder['host']} "
+                f"(since {holder['since']})")
     except (OSError, ValueError, KeyError, TypeError):
-        return "another process"
+        return "written by another process"
 
 
 def check_output_dir(out_dir: str | Path, force: bool, what: str) -> None:
@@ -157,15 +161,24 @@ def check_output_dir(out_dir: str | Path, force: bool, what: str) -> None:
                           "write into it (files of the same names are replaced; nothing else is deleted)")
 
 
-def move_into(source: Path, out_dir: Path, last: str | None = None) -> None:
+def move_into(source: Path, out_dir: Path, last: str | None = None, weights: tuple[str, ...] = ()) -> None:
     """Move the files of the folder `source` into `out_dir` (created if needed), replacing files of the same relative
     paths and leaving every other file of out_dir alone; `source` is removed. `last`, a file name of `source`, moves
-    after all others (a checksums file: readers see the folder incomplete until then)."""
+    after all others (a checksums file: readers see the folder incomplete until then).
+
+    `weights` are glob patterns of files that readers take for the folder's weights: one in out_dir that `source`
+    would not replace (an old single file beside new shards, say) is refused rather than left to be loaded."""
     if not out_dir.exists() or not any(out_dir.iterdir()):
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         os.replace(source, out_dir)  # rename(2) replaces an empty folder
         fsync_dir(out_dir.parent)
         return
+    stale = sorted({p.name for pattern in weights for p in out_dir.glob(pattern)}
+                   - {p.name for pattern in weights for p in source.glob(pattern)})
+    if stale:
+        shutil.rmtree(source)
+        raise ConfigError(f"{out_dir} holds {', '.join(stale)}, which this command would not replace and which "
+                          "loaders would take for the new weights: remove it, or choose a new folder")
     if last is not None:
         (out_dir / last).unlink(missing_ok=True)
     files = sorted((f for f in source.rglob("*") if f.is_file()), key=lambda f: f.name == last)

@@ -180,6 +180,26 @@ def test_sft_and_merge_commands(toy_setup, tmp_path):
     assert main(["sft", str(config_file), "sft.template=chatm"]) == 2  # unknown template: a one-line error
 
 
+def test_merge_refuses_a_folder_that_is_not_empty_and_sft_holds_its_run_directory(toy_setup, tmp_path, capsys):
+    from llamalite.errors import BusyError
+    from llamalite.files import folder_lock
+
+    base, data = toy_setup
+    config = sft_config(base, data, tmp_path / "run", max_steps=2, eval_interval=0)
+    with folder_lock(tmp_path / "run", "trained"):
+        with pytest.raises(BusyError, match="is being trained by process"):
+            SFTTrainer(config).fit()
+    assert not (tmp_path / "run" / "sft_data.json").exists()  # nothing written into a folder another process holds
+    SFTTrainer(config).fit()
+    (tmp_path / "merged").mkdir()
+    (tmp_path / "merged" / "notes.txt").write_text("mine")
+    assert main(["merge", str(tmp_path / "run"), str(tmp_path / "merged")]) == 2
+    assert "is not empty (notes.txt)" in capsys.readouterr().err
+    assert main(["merge", str(tmp_path / "run"), str(tmp_path / "merged"), "--force"]) == 0
+    assert (tmp_path / "merged" / "notes.txt").read_text() == "mine"
+    assert load_for_inference(tmp_path / "merged").model.config.n_layer == 2
+
+
 def test_a_damaged_base_checkpoint_is_refused_naming_the_file(toy_setup, tmp_path, capsys):
     base, data = toy_setup
     weights = base / "model.safetensors"

@@ -285,7 +285,7 @@ def commit_checkpoint_dir(tmp: Path, final: Path, keep_other_files: bool = False
     for path in [*files, tmp / CHECKSUMS, *folders]:
         fsync(path)
     if keep_other_files:
-        move_into(tmp, final, last=CHECKSUMS)
+        move_into(tmp, final, last=CHECKSUMS, weights=(WEIGHTS_FILE, SHARDED_DIR))
         return final
     if final.exists():
         shutil.rmtree(final)

@@ -40,6 +40,9 @@ HF_DEFAULTS = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11
                "tie_word_embeddings": False, "rope_theta": 10000.0, "bos_token_id": 1, "eos_token_id": 2}
 IMPORTABLE = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}  # model_type -> its architecture
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
+# What transformers reads as a folder's weights (a single file before an index; safetensors before .bin)
+HF_WEIGHT_FILES = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
+                   "pytorch_model.bin.index.json")
 
 
 # ================================================================================================= export
@@ -75,7 +78,7 @@ def export_checkpoint(
     tokenizer.save(tmp / "tokenizer.json")
     write_json(tmp / "tokenizer_config.json", tokenizer_config(special, model.config.max_seq_len, state["config"]))
     (tmp / "README.md").write_text(model_card(checkpoint, state, model, vocab_size, dtype_name))
-    move_into(tmp, out_dir)
+    move_into(tmp, out_dir, weights=HF_WEIGHT_FILES)
     return out_dir
 
 

@@ -358,6 +358,23 @@ def test_cli_import_refuses_an_existing_checkpoint_and_force_keeps_files_it_does
     assert load_checkpoint(trained).optimizer is None  # optimizer.pt is not listed in the import's checksums
 
 
+def test_force_refuses_to_leave_old_weights_that_loaders_would_take_for_the_new_ones(tokenizer_dir, tmp_path,
+                                                                                     capsys):
+    checkpoint = write_checkpoint(tmp_path / "run", random_model(padded_vocab(tokenizer_dir)), tokenizer_dir)
+    export_dir = export_checkpoint(checkpoint, tmp_path / "hf")  # one model.safetensors
+    assert main(["export", str(checkpoint), str(export_dir), "--force", "--shard-size", "20KB"]) == 2
+    err = capsys.readouterr().err
+    assert "holds model.safetensors, which this command would not replace" in err and err.count("\n") == 1
+    assert not (tmp_path / ".tmp_hf").exists() and not (export_dir / "model.safetensors.index.json").exists()
+
+    sharded_checkpoint = user_folder(tmp_path / "fsdp-step", {"notes.txt": "mine"})
+    (sharded_checkpoint / "dcp").mkdir()
+    (sharded_checkpoint / "dcp" / ".metadata").write_bytes(b"shards")
+    assert main(["import", str(export_dir), str(sharded_checkpoint), "--force"]) == 2
+    assert "holds dcp, which this command would not replace" in capsys.readouterr().err
+    assert sorted(p.name for p in sharded_checkpoint.iterdir()) == ["dcp", "notes.txt"]
+
+
 # ------------------------------------------------------------------------------------------------ lm_eval
 LM_EVAL_TASK = """task: llamalite_toy
 dataset_path: json

@@ -144,7 +144,7 @@ def test_the_lock_refuses_a_second_holder_until_the_first_lets_go(tmp_path):
         pass
 
 
-def test_prepare_and_sft_take_the_lock_too(corpus_dir, tmp_path):
+def test_prepare_takes_the_lock_too(corpus_dir, tmp_path):
     from llamalite.data.prepare import prepare
     from tests.conftest import small_config
 
