@@ -12,7 +12,7 @@ from pathlib import Path
 from llamalite.chat import run_chat, run_generate
 from llamalite.checkpoint.inference import load_for_inference
 from llamalite.checkpoint.sharded import consolidate
-from llamalite.config import load_config
+from llamalite.config import Config, load_config
 from llamalite.data.prepare import prepare
 from llamalite.demo import run_demo
 from llamalite.errors import ConfigError, LlamaliteError
@@ -21,9 +21,11 @@ from llamalite.evaluate import SweepOptions, dynamics_table, evaluate_checkpoint
 from llamalite.export.hf import export_checkpoint, import_hf
 from llamalite.generate import SamplingOptions
 from llamalite.model.presets import count_parameters, get_preset, matmul_parameters, training_flops_per_token
+from llamalite.plan import GPUS, format_plan, gpu_hardware, plan_run
 from llamalite.report import build_report
 from llamalite.runtime import is_main_process, setup_logging, shutdown_distributed
 from llamalite.sft import merge, run_sft
+from llamalite.tokenizer import Tokenizer
 from llamalite.train.optim import build_optimizer
 from llamalite.train.trainer import Trainer
 
@@ -54,6 +56,21 @@ def cmd_model_info(args: argparse.Namespace) -> None:
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    config = load_config(args.config, args.overrides)
+    hardware = gpu_hardware(args.gpu, args.gpus, args.gpu_memory, args.gpu_flops, args.mfu)
+    print(format_plan(plan_run(config, hardware, prepared_vocab_size(config)), args.config))
+
+
+def prepared_vocab_size(config: Config) -> int | None:
+    """The padded size of the prepared data's tokenizer, for a config that leaves model.vocab_size to it."""
+    tokenizer_file = Path(config.data.out_dir) / "tokenizer.json"
+    if config.model.vocab_size is not None or not tokenizer_file.is_file():
+        return None
+    tokenizer = Tokenizer.load(tokenizer_file, config.tokenizer.eos_token)
+    return tokenizer.padded_vocab_size(config.tokenizer.pad_vocab_multiple)
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -190,12 +207,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("model-info", help="parameters and FLOPs per token of a model preset")
-    p.add_argument("preset", help="tiny | 124m | dmas-1.7b")
+    p.add_argument("preset", help="tiny | 30m | 124m | 350m | dmas-1.7b")
     p.add_argument("--seq-len", type=int, default=None,
                    help="sequence length for attention FLOPs (default: the preset's)")
     p.set_defaults(func=cmd_model_info)
 
     overrides_help = "dotted overrides such as train.max_steps=100"
+    p = sub.add_parser("plan", help="memory per GPU, time and disk of a training run, before spending GPU time")
+    p.add_argument("config", help="YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", help=overrides_help)
+    p.add_argument("--gpus", type=int, default=1, help="GPUs (ranks) the run will use (default: 1)")
+    p.add_argument("--gpu", default="h100", help=f"GPU model: {', '.join(GPUS)} (default: h100, 80 GB SXM)")
+    p.add_argument("--gpu-memory", default=None, help="memory per GPU, e.g. 80GB (GB as GPU makers use it: 2^30 "
+                   "bytes); default: the --gpu's")
+    p.add_argument("--gpu-flops", type=float, default=None, help="dense bf16 peak FLOP/s per GPU, e.g. 989e12; "
+                   "default: the --gpu's")
+    p.add_argument("--mfu", type=float, default=0.45, help="model-FLOPs utilisation the run reaches (default: 0.45)")
+    p.set_defaults(func=cmd_plan)
+
     p = sub.add_parser("prepare", help="raw text -> tokenizer -> token shards + manifest")
     p.add_argument("config", help="YAML config (see configs/)")
     p.add_argument("overrides", nargs="*", help=overrides_help)
@@ -303,10 +332,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """parse_args, but `key=value` overrides may also follow the options (`plan CONFIG --gpus 8 train.x=1`)."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(item.startswith("-") or "=" not in item for item in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command. A user error (LlamaliteError) prints one line and returns 2; a training run stopped by a
     signal returns EXIT_STOPPED; any other exception is a bug and propagates with its traceback."""
-    args = build_parser().parse_args(argv)
+    args = parse_arguments(build_parser(), argv)
     setup_logging(logging.DEBUG if os.environ.get("LLAMALITE_DEBUG") else logging.INFO)
     try:
         code = args.func(args)

@@ -22,7 +22,9 @@ from llamalite.model.presets import get_preset
 
 @dataclass
 class TokenizerConfig:
-    # tokenizer.json, or a folder with tokenizer.json or vocab.json + merges.txt; None: train one
+    # tokenizer.json, or a folder with tokenizer.json or vocab.json + merges.txt, or (when no such path exists) a
+    # Hugging Face Hub repo id such as gpt2 or openai-community/gpt2[@revision], fetched into the HF cache;
+    # None: train one
     path: str | None = None
     vocab_size: int = 4096  # size of the BPE trained when path is None
     eos_token: str = "<|endoftext|>"  # the document separator (GPT-2's id 50256)
@@ -36,9 +38,14 @@ class SourceConfig:
     text_field: str = "text"  # jsonl/parquet/hf: the field holding the document text
     name: str | None = None  # hf: the dataset's configuration, e.g. sample-100BT
     split: str = "train"  # hf: which split to stream
-    # text: split each file into documents at this string (e.g. "\n\n"); None: a file is a document
-    separator: str | None = None
-    max_docs: int | None = None  # stop after this many documents from this source
+    # text: split each file into documents at this string (default: a blank line); null: a file is one document
+    separator: str | None = "\n\n"
+    max_docs: int | None = None  # stop after this many documents from this source (after sampling): the first N
+    # keep each document with this probability, chosen by a seeded hash of its text (data.sample_seed); None: all
+    sample_fraction: float | None = None
+    # parquet: keep about this many documents, sampled uniformly over all files (sample_fraction = sample_docs / the
+    # rows the files' metadata counts); None: all
+    sample_docs: int | None = None
 
 
 @dataclass
@@ -54,6 +61,10 @@ class DataConfig:
     dtype: str = "auto"  # token dtype on disk: auto (uint16 when the vocab fits, else uint32) | uint16 | uint32
     num_workers: int = 0  # tokenizer processes; 0: one per CPU core
     docs_per_chunk: int = 256  # documents handed to a worker at a time
+    # parquet sources: processes reading, decoding and sampling row groups in parallel (results in file order); 0: up
+    # to 4, never more than num_workers (a reader feeds many tokenizer processes); 1: read in the main process
+    read_workers: int = 0
+    sample_seed: int = 0  # the seed of every source's sample_fraction / sample_docs: another seed, another sample
 
 
 @dataclass
@@ -126,6 +137,23 @@ class TrainConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """Where metrics go besides metrics.jsonl: TensorBoard and Weights & Biases (rank 0 only)."""
+
+    tensorboard: bool = True  # scalars under <run_dir>/tb
+    wandb: bool = False  # log to Weights & Biases too (pip install 'llamalite[wandb]')
+    wandb_project: str | None = None  # None: $WANDB_PROJECT, else llamalite
+    wandb_entity: str | None = None  # user or team; None: $WANDB_ENTITY, else your default entity
+    # online | offline (files under <run_dir>/wandb, uploaded later by `wandb sync`) | disabled; None: $WANDB_MODE,
+    # else online
+    wandb_mode: str | None = None
+    wandb_tags: list[str] = field(default_factory=list)
+    # on resume, rewind the W&B run to the checkpoint's step so the redone steps replace the first attempt's (W&B's
+    # run rewind, a preview feature of its cloud); false: W&B keeps the values it already has of the redone steps
+    wandb_rewind: bool = False
+
+
+@dataclass
 class EvalConfig:
     # hellaswag, arc_easy, arc_challenge, piqa, winogrande, boolq, openbookqa, lambada_openai
     tasks: list[str] = field(default_factory=list)
@@ -191,6 +219,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def run_path(self) -> Path:
         return Path(self.train.run_dir or Path("runs") / self.name)

@@ -1,4 +1,8 @@
-"""Byte-level BPE tokenizers: train one on the corpus, or load GPT-2 / Llama style files.
+"""Byte-level BPE tokenizers: train one on the corpus, load GPT-2 / Llama style files, or fetch them from the Hub.
+
+`tokenizer.path` names a local tokenizer.json, a folder with one (or with GPT-2's vocab.json + merges.txt), or,
+when no such path exists, a Hugging Face Hub repo id such as `gpt2` or `openai-community/gpt2` (optionally
+`@revision`), fetched through huggingface_hub's cache (HF_HOME / HF_HUB_CACHE, HF_HUB_OFFLINE are honoured).
 
 `Tokenizer` wraps a `tokenizers.Tokenizer` and adds what the rest of llamalite needs: the
 end-of-text id that separates documents, a fingerprint that pins the exact vocabulary, and the
@@ -7,8 +11,10 @@ model's (padded) vocabulary size.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,13 +23,18 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from llamalite.errors import DataError
-from llamalite.files import atomic_write_text
+from llamalite.files import atomic_write_text, sha256_file
 
 if TYPE_CHECKING:  # config imports the model (torch); tokenizer worker processes must stay light
     from llamalite.config import TokenizerConfig
 
 DEFAULT_EOS = "<|endoftext|>"
 BYTE_ALPHABET_SIZE = 256
+HUB_TOKENIZER_FILE = "tokenizer.json"
+HUB_GPT2_FILES = ("vocab.json", "merges.txt")  # the fallback for repos without tokenizer.json
+# A Hub repo id ("gpt2", "openai-community/gpt2"), optionally pinned: "gpt2@<branch, tag or commit>".
+_HUB_ID = re.compile(r"^(?P<repo>(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[\w./-]+))?$")
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
 class Tokenizer:
@@ -156,11 +167,121 @@ class Tokenizer:
                 f"fingerprint={self.fingerprint[:12]})")
 
 
-def build_tokenizer(cfg: TokenizerConfig, texts_factory: Callable[[], Iterable[str]]) -> Tokenizer:
-    """Load `cfg.path` when set, otherwise train a BPE of `cfg.vocab_size` on `texts_factory()`."""
+def build_tokenizer(
+    cfg: TokenizerConfig, texts_factory: Callable[[], Iterable[str]], source: TokenizerSource | None = None
+) -> Tokenizer:
+    """Load `cfg.path` (a local path or a Hub repo id; `source` when already resolved), otherwise train a BPE of
+    `cfg.vocab_size` on `texts_factory()`."""
     if cfg.path:
-        return Tokenizer.load(cfg.path, cfg.eos_token)
+        return Tokenizer.load((source or resolve_tokenizer_path(cfg.path)).path, cfg.eos_token)
     return Tokenizer.train(texts_factory(), cfg.vocab_size, cfg.eos_token)
+
+
+# -- tokenizer.path: a local path or a Hugging Face Hub repo ---------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerSource:
+    """Where tokenizer.path leads: a local file or folder, or files fetched from a Hub repo into the HF cache."""
+
+    path: Path  # what Tokenizer.load reads
+    repo_id: str | None = None  # set when the files came from the Hub
+    revision: str | None = None  # the commit they were fetched at (None when the cache layout does not say)
+    files: tuple[Path, ...] = ()  # the fetched files
+
+    def hub_record(self) -> dict[str, object] | None:
+        """What pins a Hub tokenizer (repo, commit, sha256 of each file); None for a local path."""
+        if self.repo_id is None:
+            return None
+        return {"repo_id": self.repo_id, "revision": self.revision,
+                "sha256": {path.name: sha256_file(path) for path in self.files}}
+
+
+def hub_repo_id(path: str) -> tuple[str, str | None] | None:
+    """(repo id, revision or None) when `path` reads as a Hub repo id, e.g. gpt2 or openai-community/gpt2@main."""
+    match = _HUB_ID.match(path)
+    if match is None or ".." in path or "--" in match["repo"] or match["repo"].endswith((".json", ".txt")):
+        return None
+    return match["repo"], match["revision"]
+
+
+def resolve_tokenizer_path(path: str) -> TokenizerSource:
+    """An existing local path as it is; otherwise a Hub repo id, fetched (or found in the HF cache)."""
+    local = Path(path).expanduser()
+    if local.exists():
+        return TokenizerSource(local)
+    repo = hub_repo_id(path)
+    if repo is None:
+        raise DataError(f"tokenizer not found: {path} (set tokenizer.path to an existing file or folder, "
+                        "a Hugging Face Hub repo id such as gpt2, or unset it to train one)")
+    return fetch_hub_tokenizer(*repo, given=path)
+
+
+def fetch_hub_tokenizer(repo_id: str, revision: str | None, given: str) -> TokenizerSource:
+    """tokenizer.json of a Hub repo, else its vocab.json + merges.txt, through huggingface_hub's cache."""
+    try:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
+    except ImportError:
+        raise _hub_error(given, repo_id, revision, "the huggingface_hub package is not installed (pip install "
+                         "huggingface_hub)") from None
+
+    def fetch(names: tuple[str, ...], cache_only: bool = False) -> tuple[Path, ...]:
+        return tuple(Path(hf_hub_download(repo_id, name, revision=revision, local_files_only=cache_only))
+                     for name in names)
+
+    try:
+        try:
+            files = fetch((HUB_TOKENIZER_FILE,))
+        except EntryNotFoundError as missing:
+            # Not in the repo, or (offline, no network) not in the cache: GPT-2-style files may be. Without a
+            # network only the cache is searched, so the hub client's retries are not waited out twice more.
+            offline = isinstance(missing, LocalEntryNotFoundError)
+            try:
+                files = fetch(HUB_GPT2_FILES, cache_only=offline)
+            except EntryNotFoundError:
+                raise missing from None
+    except Exception as exc:  # the hub client raises HTTP, network, validation and cache errors alike
+        raise _hub_error(given, repo_id, revision, _hub_failure_reason(exc, revision)) from None
+    folder = files[0].parent
+    commit = folder.name if _COMMIT.match(folder.name) else None
+    path = files[0] if len(files) == 1 else folder
+    return TokenizerSource(path, repo_id=repo_id, revision=commit, files=files)
+
+
+def _hub_failure_reason(exc: Exception, revision: str | None) -> str:
+    from huggingface_hub import constants
+    from huggingface_hub.utils import (
+        EntryNotFoundError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    if isinstance(exc, LocalEntryNotFoundError):
+        cache = constants.HF_HUB_CACHE
+        if constants.HF_HUB_OFFLINE:
+            return f"HF_HUB_OFFLINE is set and it is not in the Hugging Face cache {cache}"
+        return f"the Hub cannot be reached and it is not in the Hugging Face cache {cache}"
+    if isinstance(exc, RepositoryNotFoundError):
+        return "the Hub has no such repo, or it is private or gated"
+    if isinstance(exc, RevisionNotFoundError):
+        return f"the repo has no revision {revision!r}"
+    if isinstance(exc, EntryNotFoundError):
+        return f"the repo holds neither {HUB_TOKENIZER_FILE} nor {' + '.join(HUB_GPT2_FILES)}"
+    first_line = (str(exc).splitlines() or [""])[0].strip()
+    return f"{type(exc).__name__}: {first_line}" if first_line else type(exc).__name__
+
+
+def _hub_error(given: str, repo_id: str, revision: str | None, reason: str) -> DataError:
+    folder = f"tokenizers/{repo_id.split('/')[-1]}"
+    pinned = f" --revision {revision}" if revision else ""
+    return DataError(
+        f"tokenizer.path={given!r} is not a local file or folder, and the Hugging Face Hub tokenizer {repo_id!r} "
+        f"cannot be fetched ({reason}): download it where there is internet (`hf download {repo_id} "
+        f"{HUB_TOKENIZER_FILE}{pinned} --local-dir {folder}`) and set tokenizer.path to that folder, or to a folder "
+        f"with {' + '.join(HUB_GPT2_FILES)}"
+    )
 
 
 def _read_tokenizer_json(path: Path) -> HFTokenizer:

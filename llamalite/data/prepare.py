@@ -2,7 +2,8 @@
 
 Documents stream through the pipeline, so a corpus never has to fit in memory:
 
-    read sources -> drop empty / short / low-score / duplicate documents -> split by content hash
+    read sources (parquet row groups in reader processes) -> keep each source's seeded hash sample
+    -> drop empty / short / low-score / duplicate documents -> split by content hash
     -> (train a BPE on the train documents, when no tokenizer file is given: one extra pass)
     -> tokenize in worker processes ([eos] + document) -> fixed-size shards per split
     -> manifest.json, written last
@@ -23,7 +24,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import re
 import time
 from collections.abc import Iterable, Iterator
@@ -40,16 +40,18 @@ from llamalite.data.filters import (
     check_document_counts,
     describe_dropped,
     iter_split_documents,
+    warn_about_small_splits,
 )
+from llamalite.data.parallel import resolve_workers
 from llamalite.data.shards import SHARD_NAME, ShardWriter, SplitProgress, shard_file_size, shard_name, token_dtype
-from llamalite.data.sources import SOURCE_TYPES, source_files
+from llamalite.data.sources import SOURCE_TYPES, SourceCounts, parquet_layout, source_files
 from llamalite.data.tokenize import chunks_by_split, tokenize_chunks
 from llamalite.errors import DataError
 from llamalite.files import atomic_write_text, folder_lock, sha256_file
-from llamalite.tokenizer import Tokenizer, build_tokenizer
+from llamalite.tokenizer import Tokenizer, TokenizerSource, build_tokenizer, resolve_tokenizer_path
 
 if TYPE_CHECKING:  # config imports the model (torch); tokenizer worker processes import this package
-    from llamalite.config import Config, DataConfig
+    from llamalite.config import Config, DataConfig, SourceConfig
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +59,7 @@ FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
 PROGRESS_FILE = ".prepare_progress.json"
+PROGRESS_LOG_SECONDS = 30.0  # without a terminal (a batch job's log), a progress line this often
 TEMP_NAME = re.compile(  # left by a crash
     r"^\.((train|val)_\d{6}\.bin|manifest\.json|tokenizer\.json|\.prepare_progress\.json)\..+\.tmp$"
 )
@@ -65,19 +68,27 @@ TEMP_NAME = re.compile(  # left by a crash
 # -- fingerprints and reuse ------------------------------------------------------------------------
 
 
-def input_fingerprints(config: Config) -> tuple[str, str]:
-    """(fingerprint of everything the shards depend on, fingerprint of what the tokenizer depends on)."""
+def input_fingerprints(config: Config, tokenizer_source: TokenizerSource | None = None) -> tuple[str, str]:
+    """(fingerprint of everything the shards depend on, fingerprint of what the tokenizer depends on).
+
+    A tokenizer.path that names a Hub repo is fetched (or found in the HF cache) unless `tokenizer_source` is
+    given; its fingerprint holds the repo, the commit and the sha256 of the files, not where the cache lies.
+    """
     data, tokenizer_cfg = config.data, config.tokenizer
-    corpus = {
-        "sources": [dataclasses.asdict(s) | {"files": _file_stats(source_files(s))} for s in data.sources],
+    corpus: dict[str, Any] = {
+        "sources": [_source_settings(s) | {"files": _file_stats(source_files(s))} for s in data.sources],
         "filters": _filter_settings(data),
     }
-    tokenizer_files = _tokenizer_files(tokenizer_cfg.path) if tokenizer_cfg.path else []
-    tokenizer_inputs = {
-        "format_version": FORMAT_VERSION,
-        "tokenizer": dataclasses.asdict(tokenizer_cfg) | {"files": _file_stats(tokenizer_files)},
-        "corpus": corpus,
-    }
+    if any(s.sample_fraction is not None or s.sample_docs is not None for s in data.sources):
+        corpus["sample_seed"] = data.sample_seed
+    tokenizer_record = dataclasses.asdict(tokenizer_cfg)
+    if tokenizer_cfg.path:
+        tokenizer_source = tokenizer_source or resolve_tokenizer_path(tokenizer_cfg.path)
+        hub = tokenizer_source.hub_record()
+        tokenizer_record |= {"hub": hub} if hub else {"files": _file_stats(_tokenizer_files(tokenizer_source.path))}
+    else:
+        tokenizer_record["files"] = []
+    tokenizer_inputs = {"format_version": FORMAT_VERSION, "tokenizer": tokenizer_record, "corpus": corpus}
     tokenizer_fingerprint = _sha256_json(tokenizer_inputs)
     everything = {"tokenizer_inputs": tokenizer_fingerprint, "shard_tokens": data.shard_tokens, "dtype": data.dtype}
     return _sha256_json(everything), tokenizer_fingerprint
@@ -93,8 +104,22 @@ def _filter_settings(data: DataConfig) -> dict[str, Any]:
     }
 
 
-def _tokenizer_files(path: str) -> list[Path]:
-    tokenizer_path = Path(path).expanduser()
+def _source_settings(source: SourceConfig) -> dict[str, Any]:
+    """A source's settings as far as its documents depend on them.
+
+    Settings added later leave the fingerprints of data prepared before them unchanged while unset, and the
+    separator counts for text sources only: so new releases do not rebuild finished shards.
+    """
+    settings = dataclasses.asdict(source)
+    for key in ("sample_fraction", "sample_docs"):
+        if settings[key] is None:
+            del settings[key]
+    if source.type != "text":
+        settings["separator"] = None
+    return settings
+
+
+def _tokenizer_files(tokenizer_path: Path) -> list[Path]:
     if tokenizer_path.is_dir():
         return sorted(p for p in tokenizer_path.iterdir() if p.is_file())
     return [tokenizer_path] if tokenizer_path.is_file() else []
@@ -258,14 +283,32 @@ def check_data_config(data: DataConfig) -> None:
             )
         if source.max_docs is not None and source.max_docs < 0:
             raise DataError(f"data.sources[{index}].max_docs={source.max_docs} is negative: use a count or null")
+        check_sample_settings(source, index)
     if not 0 <= data.val_fraction < 1:
         raise DataError(f"data.val_fraction={data.val_fraction} must be in [0, 1): e.g. 0.01")
     if data.min_score is not None and not data.score_field:
         raise DataError("data.min_score is set but data.score_field is not: name the score field (e.g. int_score)")
-    if data.shard_tokens <= 0 or data.docs_per_chunk <= 0 or data.num_workers < 0:
+    if data.shard_tokens <= 0 or data.docs_per_chunk <= 0 or data.num_workers < 0 or data.read_workers < 0:
         raise DataError(
-            "data.shard_tokens and data.docs_per_chunk must be positive and data.num_workers >= 0 (0: one per core)"
+            "data.shard_tokens and data.docs_per_chunk must be positive and data.num_workers, data.read_workers >= 0 "
+            "(0: chosen from the CPU cores)"
         )
+
+
+def check_sample_settings(source: SourceConfig, index: int) -> None:
+    where = f"data.sources[{index}]"
+    if source.sample_fraction is not None and source.sample_docs is not None:
+        raise DataError(f"{where} sets both sample_fraction and sample_docs: keep one (sample_docs derives the "
+                        "fraction from the rows the parquet metadata counts)")
+    if source.sample_fraction is not None and not 0 < source.sample_fraction <= 1:
+        raise DataError(f"{where}.sample_fraction={source.sample_fraction} must be in (0, 1]: e.g. 0.1 keeps about "
+                        "one document in ten")
+    if source.sample_docs is not None:
+        if source.type != "parquet":
+            raise DataError(f"{where}.sample_docs needs a parquet source (its metadata counts the rows), not "
+                            f"{source.type}: set sample_fraction instead")
+        if source.sample_docs <= 0:
+            raise DataError(f"{where}.sample_docs={source.sample_docs} must be positive: e.g. 1000000")
 
 
 def prepare(config: Config) -> dict[str, Any]:
@@ -279,7 +322,8 @@ def prepare(config: Config) -> dict[str, Any]:
 
 def _prepare(config: Config, out_dir: Path) -> dict[str, Any]:
     data = config.data
-    fingerprints = input_fingerprints(config)
+    tokenizer_source = resolve_tokenizer_path(config.tokenizer.path) if config.tokenizer.path else None
+    fingerprints = input_fingerprints(config, tokenizer_source)
 
     previous = read_manifest_if_any(out_dir)
     if previous is not None and _up_to_date_or_retired(previous, fingerprints[0], out_dir):
@@ -287,11 +331,11 @@ def _prepare(config: Config, out_dir: Path) -> dict[str, Any]:
     progress = read_progress_if_any(out_dir)
 
     started = time.perf_counter()
-    tokenizer, tokenizer_origin = _get_tokenizer(config, previous or progress, fingerprints, out_dir)
+    tokenizer, tokenizer_origin = _get_tokenizer(config, tokenizer_source, previous or progress, fingerprints, out_dir)
     tokenizer.save(out_dir / TOKENIZER_FILE)
     tokenizer_seconds = time.perf_counter() - started
 
-    run = _run_record(config, tokenizer, tokenizer_origin, fingerprints)
+    run = _run_record(config, tokenizer, tokenizer_origin, fingerprints, tokenizer_source)
     kept = kept_shards(progress, run, out_dir)
     started = time.perf_counter()
     document_filter, splits = _write_shards(data, tokenizer, out_dir, run, kept)
@@ -322,11 +366,18 @@ def _up_to_date_or_retired(previous: dict[str, Any], fingerprint: str, out_dir: 
     return False
 
 
-def _run_record(config: Config, tokenizer: Tokenizer, origin: str, fingerprints: tuple[str, str]) -> dict[str, Any]:
-    """What the shards of this run depend on: its fingerprints, tokenizer and token dtype."""
+def _run_record(
+    config: Config,
+    tokenizer: Tokenizer,
+    origin: str,
+    fingerprints: tuple[str, str],
+    tokenizer_source: TokenizerSource | None = None,
+) -> dict[str, Any]:
+    """What the shards of this run depend on: its fingerprints, tokenizer (and its Hub repo) and token dtype."""
     fingerprint, tokenizer_fingerprint = fingerprints
     padded_vocab = tokenizer.padded_vocab_size(config.tokenizer.pad_vocab_multiple)
     dtype = token_dtype(padded_vocab, config.data.dtype)
+    hub = tokenizer_source.hub_record() if tokenizer_source is not None else None
     return {
         "format_version": FORMAT_VERSION,
         "input_fingerprint": fingerprint,
@@ -339,7 +390,7 @@ def _run_record(config: Config, tokenizer: Tokenizer, origin: str, fingerprints:
             "padded_vocab_size": padded_vocab,
             "origin": origin,
             "input_fingerprint": tokenizer_fingerprint,
-        },
+        } | ({"hub": hub} if hub else {}),
         "dtype": np.dtype(dtype).name,
     }
 
@@ -367,13 +418,23 @@ def _manifest(
         "sources": [dataclasses.asdict(source) for source in data.sources],
         "filters": _filter_settings(data),
         "documents": documents,
+        "sample": _sample_record(data, document_filter.source_counts),
         "splits": splits,
         "seconds": seconds,
     }
 
 
+def _sample_record(data: DataConfig, counts: list[SourceCounts]) -> dict[str, Any]:
+    """Per source: its sample fraction (null: none), the rows it holds (when known), read and passed on."""
+    return {"seed": data.sample_seed, "sources": [dataclasses.asdict(count) for count in counts]}
+
+
 def _get_tokenizer(
-    config: Config, previous: dict[str, Any] | None, fingerprints: tuple[str, str], out_dir: Path
+    config: Config,
+    tokenizer_source: TokenizerSource | None,
+    previous: dict[str, Any] | None,
+    fingerprints: tuple[str, str],
+    out_dir: Path,
 ) -> tuple[Tokenizer, str]:
     """The tokenizer and where it came from: its path, 'trained', or 'reused' (trained by the last run).
 
@@ -382,7 +443,7 @@ def _get_tokenizer(
     """
     fingerprint, tokenizer_fingerprint = fingerprints
     if config.tokenizer.path:
-        return build_tokenizer(config.tokenizer, lambda: []), str(config.tokenizer.path)
+        return build_tokenizer(config.tokenizer, lambda: [], tokenizer_source), str(config.tokenizer.path)
     reused = _reusable_tokenizer(previous, tokenizer_fingerprint, out_dir, config.tokenizer.eos_token)
     if reused is not None:
         logger.info(f"reusing {out_dir / TOKENIZER_FILE}: trained on the same documents and settings")
@@ -418,15 +479,18 @@ def _write_shards(
     whole_in_kept_shards = {split: writer.documents for split, writer in writers.items()}
     documents = skip_documents(iter_split_documents(data, document_filter), whole_in_kept_shards)
     chunks = chunks_by_split(documents, data.docs_per_chunk)
-    num_workers = data.num_workers or os.cpu_count() or 1
+    num_workers = resolve_workers(data.num_workers)
     try:
-        with tqdm(desc="tokenizing", unit=" docs", disable=None, dynamic_ncols=True) as bar:
+        with PrepareProgress(known_total_documents(data), document_filter.source_counts) as progress:
             for tokenized in tokenize_chunks(chunks, tokenizer, dtype, num_workers):
                 for split in SPLITS:
                     writers[split].add(tokenized.tokens[split], tokenized.lengths[split])
-                bar.update(sum(len(lengths) for lengths in tokenized.lengths.values()))
-                bar.set_postfix_str(f"{writers['train'].tokens + writers['val'].tokens:,} tokens", refresh=False)
+                progress.update(
+                    documents=sum(len(lengths) for lengths in tokenized.lengths.values()),
+                    tokens=sum(len(tokens) for tokens in tokenized.tokens.values()),
+                )
         check_document_counts(data, document_filter)
+        warn_about_small_splits(data, document_filter)
         splits = {split: writer.close() for split, writer in writers.items()}
     except DataError:
         # The inputs themselves fail (no documents left, a broken record): nothing is worth resuming.
@@ -447,6 +511,74 @@ def skip_documents(documents: Iterable[tuple[str, str]], skip: dict[str, int]) -
 
 
 # -- what the command says -------------------------------------------------------------------------
+
+
+def known_total_documents(data: DataConfig) -> int | None:
+    """The documents prepare will read, when every source is parquet (its metadata counts them); else None."""
+    total = 0
+    for source in data.sources:
+        if source.type != "parquet" or (source.max_docs is not None and _samples(source)):
+            return None  # unknown, or max_docs stops a sample after an unknown number of rows
+        rows = sum(sum(groups) for _, groups in parquet_layout(source))
+        total += rows if source.max_docs is None else min(rows, source.max_docs)
+    return total
+
+
+def _samples(source: SourceConfig) -> bool:
+    return source.sample_fraction is not None or source.sample_docs is not None
+
+
+class PrepareProgress:
+    """Documents read (of the total, when known: then an ETA), documents and tokens tokenized and their rates.
+
+    A tqdm bar on a terminal; otherwise (a batch job's log) a log line every PROGRESS_LOG_SECONDS. Closing it logs
+    the rates of the whole run.
+    """
+
+    def __init__(self, total: int | None, counts: list[SourceCounts]) -> None:
+        self.total, self.counts = total, counts
+        self.documents = self.tokens = self.read = 0
+        self.started = self.logged = self.drawn = time.monotonic()
+        self.bar = tqdm(total=total, desc="reading", unit=" docs", unit_scale=True, disable=None, dynamic_ncols=True)
+
+    def __enter__(self) -> PrepareProgress:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.bar.close()
+        if exc_info[0] is None and self.documents:
+            logger.info(f"tokenized {self.documents:,} documents, {self.tokens:,} tokens in {self.elapsed():.1f} s "
+                        f"({self.rates()})")
+
+    def update(self, documents: int, tokens: int) -> None:
+        self.documents += documents
+        self.tokens += tokens
+        read = sum(count.read for count in self.counts)
+        read = min(read, self.total) if self.total is not None else read
+        self.bar.update(read - self.read)
+        self.read = read
+        now = time.monotonic()
+        if now - self.drawn >= 0.5:  # reading runs ahead in bursts: redraw the tokenizing numbers between them
+            self.drawn = now
+            self.bar.set_postfix_str(f"tokenized {self.documents:,} docs, {self.tokens:,} tokens: {self.rates()}")
+        if self.bar.disable and now - self.logged >= PROGRESS_LOG_SECONDS:
+            self.logged = now
+            logger.info(self.line())
+
+    def elapsed(self) -> float:
+        return max(time.monotonic() - self.started, 1e-6)
+
+    def rates(self) -> str:
+        seconds = self.elapsed()
+        return f"{self.documents / seconds:,.0f} docs/s, {self.tokens / seconds:,.0f} tokens/s"
+
+    def line(self) -> str:
+        of_total = f" of {self.total:,}" if self.total else ""
+        eta = ""
+        if self.total and self.read:
+            eta = f", eta {(self.total - self.read) * self.elapsed() / self.read / 60:.1f} min"
+        return (f"prepare: read {self.read:,}{of_total} documents; tokenized {self.documents:,} documents, "
+                f"{self.tokens:,} tokens ({self.rates()}){eta}")
 
 
 def _plural(count: int, noun: str) -> str:
@@ -470,8 +602,17 @@ def _log_summary(out_dir: Path, manifest: dict[str, Any]) -> None:
     for split, info in manifest["splits"].items():
         shards = _plural(len(info["shards"]), "shard")
         logger.info(f"  {split:5s} {info['documents']:>10,} documents {info['tokens']:>14,} tokens {shards:>11}")
+    sample = manifest.get("sample", {})
+    for index, count in enumerate(sample.get("sources", [])):
+        if count["fraction"] is not None:
+            of_rows = f" of {count['rows']:,}" if count["rows"] is not None else ""
+            logger.info(f"  sample of source {index}: {count['kept']:,} documents kept of {count['read']:,} read"
+                        f"{of_rows} (fraction {count['fraction']:.6g}, seed {sample['seed']})")
+    hub = tokenizer.get("hub")
+    origin = tokenizer["origin"] + (f" (Hugging Face Hub {hub['repo_id']}@{(hub['revision'] or '?')[:12]})"
+                                    if hub else "")
     logger.info(
-        f"  tokenizer {tokenizer['origin']}: {tokenizer['size']:,} ids "
+        f"  tokenizer {origin}: {tokenizer['size']:,} ids "
         f"(model vocab {tokenizer['padded_vocab_size']:,}), "
         f"eos {tokenizer['eos_token']!r}={tokenizer['eos_id']}, {manifest['dtype']}; "
         f"{seconds['tokenizer']:.1f} s tokenizer, {seconds['tokenize']:.1f} s tokenizing"

@@ -23,6 +23,11 @@ PRESETS: dict[str, ModelConfig] = {
         vocab_size=50304, n_layer=12, d_model=768, n_head=12, n_kv_head=12, ffn_hidden=2048,
         max_seq_len=1024, rope_theta=10000.0, tie_embeddings=True,
     ),
+    # GPT-2 medium's shape as a LLaMA (tied embeddings, GPT-2 vocab padded): 359.8M parameters.
+    "350m": ModelConfig(
+        vocab_size=50304, n_layer=24, d_model=1024, n_head=16, n_kv_head=16, ffn_hidden=2816,
+        max_seq_len=1024, rope_theta=10000.0, tie_embeddings=True,
+    ),
     # DMaS-LLaMa-Lite (2024): the paper's 1.7B model, 1,716,144,128 parameters.
     "dmas-1.7b": ModelConfig(
         vocab_size=50304, n_layer=36, d_model=2048, n_head=32, n_kv_head=8, ffn_hidden=5120,

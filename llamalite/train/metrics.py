@@ -1,15 +1,18 @@
-"""Metric writers (JSON Lines + TensorBoard), device peak FLOP/s for MFU, and run-file truncation on resume."""
+"""Metric writers (JSON Lines, plus the trackers: TensorBoard, W&B), device peak FLOP/s for MFU, and run-file
+truncation on resume."""
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from llamalite.files import JsonlWriter, atomic_write_text
+from llamalite.train.trackers import TensorBoardTracker, Tracker
 
 # Dense bf16 tensor-core peaks (FLOP/s) by substring of torch.cuda.get_device_name().
 GPU_PEAK_BF16_FLOPS = {
@@ -19,6 +22,7 @@ GPU_PEAK_BF16_FLOPS = {
     "H100": 989.4e12,  # SXM
     "A100": 312e12,
     "A10G": 125e12,
+    "A6000": 154.8e12,  # RTX A6000 (the paper's GPUs)
     "L40S": 362e12,
     "L4": 121e12,
     "RTX 4090": 165.2e12,
@@ -41,37 +45,32 @@ def device_peak_flops(device: torch.device, override: float | None = None) -> fl
 
 
 class MetricsLogger:
-    """Writes `metrics.jsonl` (one record per logged step) and TensorBoard scalars under `tb/`."""
+    """Writes `metrics.jsonl` (one record per logged step) and `events.jsonl`, and hands every metric to the trackers
+    (llamalite/train/trackers.py) under the same name and step. None: TensorBoard under `tb/` alone."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, trackers: Sequence[Tracker] | None = None):
         self.jsonl = JsonlWriter(run_dir / "metrics.jsonl")
         self.events = JsonlWriter(run_dir / "events.jsonl")
-        self.tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(log_dir=str(run_dir / "tb"))
+        self.trackers = list(trackers) if trackers is not None else [TensorBoardTracker(run_dir / "tb")]
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self.jsonl.write({"step": step, "time": time.time(), **metrics})
-        if self.tb is not None:
-            for name, value in metrics.items():
-                self.tb.add_scalar(name, value, step)
+        self.scalars(step, metrics)
 
     def scalars(self, step: int, metrics: dict[str, float]) -> None:
-        """TensorBoard only: for metrics whose JSON record lives elsewhere (evals.jsonl)."""
-        if self.tb is not None:
-            for name, value in metrics.items():
-                self.tb.add_scalar(name, value, step)
+        """The trackers only: for metrics whose JSON record lives elsewhere (evals.jsonl)."""
+        for tracker in self.trackers:
+            tracker.scalars(step, metrics)
 
     def event(self, step: int, kind: str, **details: Any) -> None:
         self.events.write({"step": step, "time": time.time(), "event": kind, **details})
 
     def close(self) -> None:
+        """Idempotent: the trainer closes it when the loop ends, and again if the run fails before the loop."""
         self.jsonl.close()
         self.events.close()
-        if self.tb is not None:
-            self.tb.close()
+        for tracker in self.trackers:
+            tracker.close()
 
 
 class NullLogger:
@@ -106,6 +105,15 @@ def truncate_jsonl_after(path: Path, step: int) -> None:
     if len(kept) == len(lines):
         return
     atomic_write_text(path, "".join(kept))
+
+
+def last_step(path: Path) -> int | None:
+    """The highest step of a JSON Lines file's records (None: no file, or no record with a step)."""
+    if not path.exists():
+        return None
+    with open(path, encoding="utf-8") as f:
+        steps = [step for line in f if line.strip() and (step := _record_step(line)) is not None]
+    return max(steps, default=None)
 
 
 def _record_step(line: str) -> int | None:

@@ -65,7 +65,7 @@ from llamalite.train.callbacks import (
     SamplesCallback,
     ValidationCallback,
 )
-from llamalite.train.metrics import MetricsLogger, NullLogger, device_peak_flops, truncate_jsonl_after
+from llamalite.train.metrics import MetricsLogger, NullLogger, device_peak_flops, last_step, truncate_jsonl_after
 from llamalite.train.optim import (
     SCHEDULE_CHANGES,
     build_optimizer,
@@ -76,9 +76,11 @@ from llamalite.train.optim import (
 )
 from llamalite.train.stability import StabilityGuard
 from llamalite.train.step import build_loss_fn
+from llamalite.train.trackers import WANDB_DIR, WANDB_ID_FILE, PriorRun, check_logging, open_trackers
 
 logger = logging.getLogger(__name__)
-RUN_FILES = ("metrics.jsonl", "events.jsonl", "evals.jsonl", "samples.jsonl", "tb", "checkpoints", "report")
+RUN_FILES = ("metrics.jsonl", "events.jsonl", "evals.jsonl", "samples.jsonl", "tb", "checkpoints", "report",
+             WANDB_DIR, WANDB_ID_FILE)
 
 
 def accumulation_steps(batch_tokens: int, micro_batch_size: int, seq_len: int, world_size: int = 1) -> int:
@@ -155,11 +157,13 @@ class Trainer:
         if self.train_cfg.schedule_change not in (None, *SCHEDULE_CHANGES):
             raise ConfigError(f"unknown train.schedule_change {self.train_cfg.schedule_change!r}: "
                               + did_you_mean(self.train_cfg.schedule_change, SCHEDULE_CHANGES))
+        check_logging(config.logging)
         self._stop_signal: int | None = None
         self.skip_reason: str | None = None  # why the stability guard skipped the last update, if it did
         self._first_step = 0  # the step this invocation started from (for the ETA)
         self._last_save = time.monotonic()  # for train.save_interval_minutes
         self._held = contextlib.ExitStack()  # fit() holds the run directory's lock in it
+        self._metrics: MetricsLogger | None = None  # rank 0's, opened with the run directory
         self._restarted = False  # the run directory held a run that never wrote a checkpoint: started over
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -251,7 +255,7 @@ class Trainer:
         run_dir = self.config.run_path()
         self._held.enter_context(folder_lock(run_dir, self.activity))
         holds_run = (run_dir / "metrics.jsonl").exists() or any(list_checkpoints(run_dir / "checkpoints"))
-        checkpoint, corrupt = None, []
+        checkpoint, corrupt, prior = None, [], None
         if holds_run and self.train_cfg.overwrite:
             for entry in RUN_FILES:
                 path = run_dir / entry
@@ -269,12 +273,20 @@ class Trainer:
             # The steps after the checkpoint will be redone; with no checkpoint at all (stopped before its first one)
             # there is nothing to lose, and the same command starts the run over.
             self._restarted = checkpoint is None
+            prior = PriorRun(checkpoint.step if checkpoint else -1, last_step(run_dir / "metrics.jsonl"))
             for name in ("metrics.jsonl", "samples.jsonl", EVALS_FILE):
                 truncate_jsonl_after(run_dir / name, checkpoint.step if checkpoint else -1)
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(self.config, run_dir / "config.yaml")
         self.on_run_dir_ready(run_dir)
+        self._open_metrics(run_dir, prior)
         return run_dir, checkpoint, corrupt
+
+    def _open_metrics(self, run_dir: Path, prior: PriorRun | None) -> None:
+        """Rank 0's metrics logger and trackers, opened here so that a tracker that cannot start (W&B) fails every
+        rank; closed when fit() ends, even if it fails before the loop."""
+        self._metrics = MetricsLogger(run_dir, open_trackers(run_dir, self.config, prior))
+        self._held.callback(self._metrics.close)
 
     def _resume(self, checkpoint: Checkpoint, run_dir: Path, metrics: MetricsLogger | NullLogger) -> None:
         state = checkpoint.state
@@ -519,7 +531,7 @@ class Trainer:
     def _fit(self) -> TrainResult:
         run_dir, checkpoint, corrupt = self._open_run_dir()
         cfg = self.train_cfg
-        metrics = MetricsLogger(run_dir) if self.dist.is_main else NullLogger()
+        metrics = self._metrics if self.dist.is_main else NullLogger()
         for path, why in corrupt:
             metrics.event(checkpoint_step(path), "checkpoint_corrupted", checkpoint=path.name, reason=why)
         if self._restarted:
