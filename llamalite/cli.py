@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from llamalite.data.prepare import prepare
 from llamalite.demo import run_demo
 from llamalite.errors import ConfigError, LlamaliteError
 from llamalite.eval.tasks import TASKS
-from llamalite.evaluate import SweepOptions, dynamics_table, evaluate_checkpoints, read_evals_for
+from llamalite.evaluate import SweepOptions, dynamics_table, evaluate_checkpoints, read_evals_for, write_results_json
 from llamalite.export.hf import export_checkpoint, import_hf
 from llamalite.generate import SamplingOptions
 from llamalite.model.presets import count_parameters, get_preset, matmul_parameters, training_flops_per_token
@@ -124,12 +125,26 @@ def sampling_options(args: argparse.Namespace):
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    check_eval_arguments(args)
     task_files = dict(_key_value(item, "--task-file") for item in args.task_file)
     options = SweepOptions(tasks=_task_list(args.tasks), limit=args.limit, all_checkpoints=args.all_checkpoints,
                            val_loss=not args.no_val_loss, batch_size=args.batch_size, data_dir=args.data_dir,
                            task_files=task_files, device=args.device, dtype=args.dtype)
     records = evaluate_checkpoints(Path(args.target), options)
-    print(dynamics_table(read_evals_for(Path(args.target), options, records)))
+    table_records = read_evals_for(Path(args.target), options, records)
+    print(dynamics_table(table_records, width=shutil.get_terminal_size().columns))
+    if args.output_json:
+        step = write_results_json(Path(args.output_json), Path(args.target), options, table_records)
+        print(f"wrote step {step}'s results in lm-evaluation-harness's layout to {args.output_json}")
+
+
+def check_eval_arguments(args: argparse.Namespace) -> None:
+    if args.val_only and args.tasks:
+        raise ConfigError("--val-only and --tasks exclude each other: pass one")
+    if not args.val_only and not args.tasks:
+        raise ConfigError("llamalite eval needs --tasks NAMES|all (benchmarks), or --val-only (validation loss alone)")
+    if args.val_only and (args.no_val_loss or args.output_json):
+        raise ConfigError("--val-only computes only the validation loss: drop --no-val-loss and --output-json")
 
 
 def _task_list(text: str) -> list[str]:
@@ -180,7 +195,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
 
 def cmd_merge(args: argparse.Namespace) -> None:
     out = merge(Path(args.checkpoint), Path(args.out_dir), Path(args.adapter_out) if args.adapter_out else None,
-                force=args.force)
+                force=args.force, adapter_base=args.adapter_base)
     adapter = f"; adapter in PEFT format in {args.adapter_out}" if args.adapter_out else ""
     print(f"merged checkpoint: {out}{adapter}")
 
@@ -278,7 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "or checkpoint directory")
     p.add_argument("--tasks", default="",
                    help="comma-separated: hellaswag,arc_easy,arc_challenge,piqa,winogrande,boolq,"
-                   "openbookqa,lambada_openai, or all (default: none, validation loss only)")
+                   "openbookqa,lambada_openai, or all (required unless --val-only)")
+    p.add_argument("--val-only", action="store_true",
+                   help="only the validation loss on the run's held-out split (no benchmarks)")
+    p.add_argument("--output-json", default=None, metavar="PATH",
+                   help="also write the newest checkpoint's results in lm-evaluation-harness's results layout")
     p.add_argument("--limit", type=int, default=None, help="score the first N examples of each task (a fixed subset)")
     p.add_argument("--all-checkpoints", action="store_true",
                    help="every checkpoint of the run, skipping ones already in evals.jsonl")
@@ -326,7 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="SFT checkpoint directory or run directory (its newest)")
     p.add_argument("out_dir", help="checkpoint directory to write (with tokenizer.json; export and chat load it)")
     p.add_argument("--adapter-out", default=None, help="also save the adapters in PEFT format (adapter_config.json + "
-                   "adapter_model.safetensors) in this folder")
+                   "adapter_model.safetensors, transformers' module names) in this folder")
+    p.add_argument("--adapter-base", default=None, help="base_model_name_or_path of the adapter: the folder or Hub "
+                   "id of the base's transformers export (default: the run's sft.base checkpoint)")
     add_force_argument(p)
     p.set_defaults(func=cmd_merge)
     return parser

@@ -3,6 +3,7 @@ the run's evals.jsonl (records as llamalite/eval/suite.py describes them), and t
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -16,11 +17,11 @@ from llamalite.checkpoint.format import CHECKPOINT_NAME, is_checkpoint_dir, list
 from llamalite.checkpoint.inference import InferenceModel, load_for_inference
 from llamalite.config import EvalConfig
 from llamalite.data.loader import validation_batches
-from llamalite.errors import CheckpointError, DataError
+from llamalite.errors import CheckpointError, DataError, EvalError
 from llamalite.eval.harness import validation_metrics
 from llamalite.eval.suite import EVALS_FILE, BenchmarkSuite, eval_record
-from llamalite.eval.tasks import TaskSpec, resolve_tasks, task_data_fingerprint, task_source
-from llamalite.files import JsonlWriter, read_jsonl
+from llamalite.eval.tasks import LOGLIKELIHOOD, TASKS, TaskSpec, resolve_tasks, task_data_fingerprint, task_source
+from llamalite.files import JsonlWriter, atomic_write_text, read_jsonl
 from llamalite.runtime import autocast_context, resolve_device
 
 
@@ -131,7 +132,7 @@ def _evaluate_one(loaded: InferenceModel, suite: BenchmarkSuite | None, options:
     results = suite.run(model, model.config.max_seq_len, device, autocast) if suite else {}
     seconds = time.perf_counter() - started
     return eval_record(loaded.step, loaded.tokens_seen, seconds, "eval", results, val, loaded.path.name, options.limit,
-                       suite.task_data if suite else None)
+                       suite.task_data if suite else None, suite.available if suite else None)
 
 
 def _checkpoint_validation(loaded: InferenceModel, device: torch.device, autocast: Any) -> dict[str, float] | None:
@@ -160,20 +161,48 @@ def read_evals_for(target: Path, options: SweepOptions, computed: list[dict[str,
 
 
 # ------------------------------------------------------------------------------------------------ the table
-def dynamics_table(records: list[dict[str, Any]]) -> str:
-    """One row per step (later records win per metric), one column per metric: the training-dynamics table."""
+def dynamics_table(records: list[dict[str, Any]], width: int | None = None) -> str:
+    """One row per step (later records win per metric), one column per metric, a benchmark's value as
+    `value±stderr`: the training-dynamics table. With `width`, the metric columns wrap into blocks that fit it,
+    each block repeating the step and tokens columns."""
     by_step: dict[int, dict[str, Any]] = {}
     for record in sorted(records, key=lambda r: (r["step"], r.get("time", 0))):
         row = by_step.setdefault(record["step"], {"tokens": record.get("tokens", 0), "metrics": {}})
-        row["metrics"].update({k: v for k, v in record.get("metrics", {}).items() if not k.endswith("_stderr")})
-    columns = sorted({name for row in by_step.values() for name in row["metrics"]}, key=_column_order)
+        row["metrics"].update(record.get("metrics", {}))
     if not by_step:
         return "(no evaluations)"
-    header = ["step", "tokens"] + [_short(c) for c in columns]
-    lines = [header]
-    for step, row in sorted(by_step.items()):
-        lines.append([str(step), f"{row['tokens']:,}"] + [_fmt(row["metrics"].get(c)) for c in columns])
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    columns = sorted({name for row in by_step.values() for name in row["metrics"] if not name.endswith("_stderr")},
+                     key=_column_order)
+    keys = [[str(step), f"{row['tokens']:,}"] for step, row in sorted(by_step.items())]
+    cells = [[_cell(row["metrics"], c) for c in columns] for _, row in sorted(by_step.items())]
+    blocks = _column_blocks(["step", "tokens"], keys, [_short(c) for c in columns], cells, width)
+    return "\n\n".join(blocks)
+
+
+def _cell(metrics: dict[str, float], name: str) -> str:
+    stderr = metrics.get(name + "_stderr")
+    if stderr is None or math.isnan(stderr):
+        return _fmt(metrics.get(name))
+    return f"{_fmt(metrics.get(name))}±{stderr:.4f}"
+
+
+def _column_blocks(key_header: list[str], keys: list[list[str]], header: list[str], cells: list[list[str]],
+                   width: int | None) -> list[str]:
+    """The table as blocks of whole columns, each at most `width` characters wide (at least one column each)."""
+    col_widths = [max(len(line[i]) for line in [header, *cells]) for i in range(len(header))]
+    key_widths = [max(len(line[i]) for line in [key_header, *keys]) for i in range(len(key_header))]
+    used, block, blocks = sum(key_widths) + 2 * (len(key_widths) - 1), [], []
+    for i, w in enumerate(col_widths):
+        if block and width is not None and used + sum(col_widths[j] + 2 for j in block) + w + 2 > width:
+            blocks.append(block)
+            block = []
+        block.append(i)
+    blocks.append(block)
+    return [_render([key_header + [header[i] for i in b]] + [k + [c[i] for i in b] for k, c in zip(keys, cells)],
+                    key_widths + [col_widths[i] for i in b]) for b in blocks]
+
+
+def _render(lines: list[list[str]], widths: list[int]) -> str:
     return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in lines)
 
 
@@ -189,3 +218,78 @@ def _fmt(value: float | None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     return f"{value:.4f}" if abs(value) < 1000 else f"{value:,.1f}"
+
+
+# ---------------------------------------------------------------------------------------------- lm-eval's results JSON
+# lm-evaluation-harness's task versions (its 0.4.x task YAMLs' metadata.version) and metric directions.
+LM_EVAL_VERSIONS = {"boolq": 2.0}
+HIGHER_IS_BETTER = {"acc": True, "acc_norm": True, "perplexity": False}
+
+
+def lm_eval_results(records: list[dict[str, Any]], step: int, config: dict[str, Any]) -> dict[str, Any]:
+    """The benchmark results of one step of evals.jsonl in lm-evaluation-harness's results layout (what its
+    `--output_path` JSON holds, and what lm_eval.utils.make_table renders): "results" with `<metric>,none` keys,
+    "versions", "n-shot", "higher_is_better", "n-samples", "configs", "config". A standard error that one example
+    cannot give is "N/A", as lm-eval writes it."""
+    metrics: dict[str, float] = {}
+    n: dict[str, int] = {}
+    available: dict[str, int] = {}
+    for record in sorted((r for r in records if r["step"] == step), key=lambda r: r.get("time", 0)):
+        metrics.update({k: v for k, v in record.get("metrics", {}).items() if k.startswith("eval/")})
+        n.update(record.get("n", {}))
+        available.update(record.get("available", {}))
+    tasks = sorted({name.split("/")[1] for name in metrics})
+    results = {task: _task_results(task, metrics, n.get(task, 0)) for task in tasks}
+    return {
+        "results": results,
+        "group_subtasks": {},
+        "configs": {task: _task_config(task) for task in tasks},
+        "versions": {task: LM_EVAL_VERSIONS.get(task, 1.0) for task in tasks},
+        "n-shot": {task: 0 for task in tasks},
+        "higher_is_better": {task: {m: HIGHER_IS_BETTER[m] for m in TASKS[task].metrics} for task in tasks},
+        "n-samples": {task: {"original": available.get(task, n.get(task, 0)), "effective": n.get(task, 0)}
+                      for task in tasks},
+        "config": config,
+        "date": time.time(),
+    }
+
+
+def _task_results(task: str, metrics: dict[str, float], n: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": task, "alias": task, "sample_len": n}
+    for metric in TASKS[task].metrics:
+        out[f"{metric},none"] = metrics.get(f"eval/{task}/{metric}")
+        stderr = metrics.get(f"eval/{task}/{metric}_stderr")
+        if stderr is not None:
+            out[f"{metric}_stderr,none"] = "N/A" if math.isnan(stderr) else stderr
+    return out
+
+
+def _task_config(task: str) -> dict[str, Any]:
+    spec = TASKS[task]
+    path, name, split = spec.hub
+    return {"task": task, "dataset_path": path, "dataset_name": name, "test_split": split, "num_fewshot": 0,
+            "output_type": "loglikelihood" if spec.kind == LOGLIKELIHOOD else "multiple_choice",
+            "metric_list": [{"metric": m, "higher_is_better": HIGHER_IS_BETTER[m]} for m in spec.metrics]}
+
+
+def write_results_json(path: Path, target: Path, options: SweepOptions, records: list[dict[str, Any]]) -> int:
+    """Write the requested tasks' results at the newest checkpoint of `target` (the one checkpoint when `target` is
+    one), taken from `records` (the run's evals.jsonl), as lm-eval's results JSON; returns the step."""
+    step = checkpoint_step_of(checkpoints_to_evaluate(target, options.all_checkpoints)[-1])
+    tasks = {spec.name for spec in resolve_tasks(options.tasks)}
+    mine = [{**r, "metrics": {k: v for k, v in r.get("metrics", {}).items() if _task_of(k) in tasks}}
+            for r in records if r["step"] == step]
+    if not any(r["metrics"] for r in mine):
+        raise EvalError(f"no benchmark results at step {step} to write to {path}: pass --tasks")
+    config = {"model": "llamalite", "model_args": str(target), "checkpoint": mine[-1].get("checkpoint"),
+              "step": step, "tokens": mine[-1].get("tokens", 0), "batch_size": options.batch_size,
+              "device": options.device, "dtype": options.dtype, "limit": options.limit, "bootstrap_iters": 0}
+    text = json.dumps(lm_eval_results(mine, step, config), indent=2, allow_nan=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, text + "\n")
+    return step
+
+
+def _task_of(metric: str) -> str | None:
+    parts = metric.split("/")  # eval/<task>/<metric>
+    return parts[1] if len(parts) == 3 and parts[0] == "eval" else None

@@ -190,10 +190,15 @@ def answer_conversations(model: nn.Module, tokenizer: Tokenizer, prompts: list[l
 
 
 # ------------------------------------------------------------------------------------------------- merge
-def merge(checkpoint_path: Path, out_dir: Path, adapter_out: Path | None = None, force: bool = False) -> Path:
+def merge(checkpoint_path: Path, out_dir: Path, adapter_out: Path | None = None, force: bool = False,
+          adapter_base: str | None = None) -> Path:
     """Write `out_dir`, a plain checkpoint (base + LoRA folded in) with its tokenizer.json; loadable by
     load_for_inference and `llamalite export`. A full fine-tuning checkpoint is copied the same way. out_dir (and
-    adapter_out) must be new or empty unless `force`: then files of other names in them are kept."""
+    adapter_out) must be new or empty unless `force`: then files of other names in them are kept.
+
+    `adapter_out` gets the adapters in PEFT format under transformers' names, for the transformers export of the
+    base; its adapter_config.json names `adapter_base` (that export's folder or Hub id) as the base model, else the
+    base checkpoint the run was fine-tuned from."""
     check_output_dir(out_dir, force, "the merged checkpoint")
     if adapter_out is not None:
         check_output_dir(adapter_out, force, "the adapter")
@@ -204,7 +209,7 @@ def merge(checkpoint_path: Path, out_dir: Path, adapter_out: Path | None = None,
                               "drop --adapter-out")
     if adapter is not None:
         if adapter_out is not None:
-            save_adapter(adapter, Path(adapter_out), loaded.config.sft.base)
+            save_adapter(adapter, Path(adapter_out), adapter_base or loaded.config.sft.base)
         model = adapter.merge_and_unload()
     merged_state = {key: value for key, value in loaded.state.items() if key not in ("loader", "stability")}
     merged_state["merged_from"] = str(loaded.path)

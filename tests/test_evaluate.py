@@ -3,13 +3,15 @@ import random
 
 import pytest
 
-from llamalite.checkpoint.format import list_checkpoints
+from llamalite.checkpoint.format import list_checkpoints, save_checkpoint
 from llamalite.cli import main
+from llamalite.config import Config, DataConfig
 from llamalite.errors import CheckpointError
 from llamalite.evaluate import SweepOptions, dynamics_table, evaluate_checkpoints
 from llamalite.files import read_jsonl
+from llamalite.tokenizer import Tokenizer
 from llamalite.train.trainer import Trainer
-from tests.conftest import WORDS, small_config
+from tests.conftest import SHARED_DATA, WORDS, small_config
 
 
 def write_task_files(folder):
@@ -122,3 +124,77 @@ def test_a_checkpoint_whose_tokenizer_changed_is_refused(trained_run, tmp_path):
     (copy / "checksums.json").write_text(json.dumps({p.name: sha256_file(p) for p in copy.iterdir()}))
     with pytest.raises(CheckpointError, match="fingerprint differs"):
         evaluate_checkpoints(copy, SweepOptions(tasks=["piqa"], data_dir=str(tasks_dir), val_loss=False))
+
+
+def test_cli_eval_needs_tasks_or_val_only(trained_run, capsys):
+    run_dir, _ = trained_run
+    assert main(["eval", str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--tasks" in err and "--val-only" in err
+    assert main(["eval", str(run_dir), "--val-only", "--tasks", "piqa"]) == 2
+    assert "exclude each other" in capsys.readouterr().err
+    assert main(["eval", str(run_dir), "--val-only"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].split()[:4] == ["step", "tokens", "val/bits_per_byte", "val/loss"]
+
+
+def test_the_table_shows_stderr_and_wraps_to_the_width():
+    metrics = {"val/loss": 4.5, "eval/piqa/acc": 0.5, "eval/piqa/acc_stderr": 0.1508, "eval/piqa/acc_norm": 0.25,
+               "eval/piqa/acc_norm_stderr": 0.125, "eval/lambada_openai/perplexity": 1234.5}
+    records = [{"step": s, "tokens": s * 64, "metrics": metrics} for s in (2, 4)]
+    wide = dynamics_table(records).splitlines()
+    assert wide[0].split() == ["step", "tokens", "val/loss", "lambada_openai/perplexity", "piqa/acc", "piqa/acc_norm"]
+    assert wide[1].split() == ["2", "128", "4.5000", "1,234.5", "0.5000±0.1508", "0.2500±0.1250"]
+    narrow = dynamics_table(records, width=50)
+    assert all(len(line) <= 50 for line in narrow.splitlines())
+    blocks = narrow.split("\n\n")
+    assert len(blocks) > 1 and all(block.split()[:2] == ["step", "tokens"] for block in blocks)
+    assert "0.5000±0.1508" in narrow and "0.2500±0.1250" in narrow
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "eval").is_dir(), reason="../shared/data not present")
+def test_output_json_is_lm_evals_results_layout(tmp_path, capsys):
+    from lm_eval.utils import make_table
+
+    from tests.eval.conftest import GPT2_DIR, random_gpt2_model
+
+    run_dir = tmp_path / "run"
+    tokenizer = Tokenizer.load(GPT2_DIR)
+    model = random_gpt2_model(max_seq_len=256)
+    config = Config(name="json-test", model=model.config, data=DataConfig(out_dir=str(tmp_path / "data")))
+    state = {"step": 10, "tokens_seen": 640, "tokenizer_fingerprint": tokenizer.fingerprint, "config": config.to_dict()}
+    (tmp_path / "data").mkdir()
+    tokenizer.save(tmp_path / "data" / "tokenizer.json")
+    save_checkpoint(run_dir / "checkpoints", 10, model, None, state)
+    (run_dir / "metrics.jsonl").write_text("")
+    out = tmp_path / "results" / "eval.json"
+    assert main(["eval", str(run_dir), "--tasks", "piqa,lambada_openai", "--limit", "8", "--no-val-loss",
+                 "--data-dir", str(SHARED_DATA / "eval"), "--output-json", str(out)]) == 0
+    assert f"to {out}" in capsys.readouterr().out
+    results = json.loads(out.read_text())
+    record = [r for r in read_jsonl(run_dir / "evals.jsonl") if r["limit"] == 8][-1]
+    metrics = record["metrics"]
+    piqa, lambada = results["results"]["piqa"], results["results"]["lambada_openai"]
+    assert piqa["alias"] == "piqa" and piqa["acc,none"] == metrics["eval/piqa/acc"]
+    assert piqa["acc_stderr,none"] == metrics["eval/piqa/acc_stderr"]
+    assert piqa["acc_norm,none"] == metrics["eval/piqa/acc_norm"]
+    assert piqa["acc_norm_stderr,none"] == metrics["eval/piqa/acc_norm_stderr"]
+    assert lambada["perplexity,none"] == metrics["eval/lambada_openai/perplexity"]
+    assert lambada["acc,none"] == metrics["eval/lambada_openai/acc"]
+    assert results["n-shot"] == {"lambada_openai": 0, "piqa": 0}
+    assert results["n-samples"]["piqa"]["effective"] == 8 and results["n-samples"]["piqa"]["original"] > 8
+    assert results["config"]["step"] == record["step"] and results["config"]["limit"] == 8
+    assert results["higher_is_better"]["lambada_openai"] == {"acc": True, "perplexity": False}
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in make_table(results).splitlines()[2:]]
+    shown = {(row[4], float(row[6])): float(row[8]) if row[8] else None for row in rows}  # (metric, value): stderr
+    assert rows[0][0] == "lambada_openai" and rows[2][0] == "piqa"
+    assert shown[("perplexity", round(metrics["eval/lambada_openai/perplexity"], 4))] is None
+    assert shown[("acc", round(metrics["eval/lambada_openai/acc"], 4))] == round(
+        metrics["eval/lambada_openai/acc_stderr"], 4)
+    assert shown[("acc_norm", round(metrics["eval/piqa/acc_norm"], 4))] == round(
+        metrics["eval/piqa/acc_norm_stderr"], 4)
+
+
+def test_output_json_needs_benchmarks(trained_run, tmp_path, capsys):
+    run_dir, _ = trained_run
+    assert main(["eval", str(run_dir), "--val-only", "--output-json", str(tmp_path / "x.json")]) == 2
+    assert "--output-json" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 import json
 import random
+import warnings
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,9 @@ from llamalite.checkpoint.inference import load_for_inference
 from llamalite.cli import main
 from llamalite.config import Config, ModelConfig, save_config
 from llamalite.data.sft import Example, make_rows
+from llamalite.export.hf import export_checkpoint
 from llamalite.model.llama import Llama
+from llamalite.model.lora import load_adapter
 from llamalite.sft import SFTTrainer, answer_prompts, merge
 from llamalite.tokenizer import Tokenizer
 
@@ -116,14 +119,37 @@ def test_lora_sft_trains_only_adapters_and_merge_gives_the_same_logits(toy_setup
         assert not torch.allclose(Llama(merged.model.config).eval()(tokens), expected)
         # eval, generate and chat open the LoRA run itself too, adapters applied.
         torch.testing.assert_close(load_for_inference(tmp_path / "run").model(tokens), expected, atol=1e-5, rtol=1e-5)
-    # The adapter in PEFT format, loaded onto the base with peft itself, gives the same logits.
-    import peft
-
-    plain_base = load_for_inference(base).model
-    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
-    with_adapter = peft.PeftModel.from_pretrained(plain_base, str(tmp_path / "adapter")).eval()
+    # The adapter in PEFT format, read back onto our base, gives the same logits.
+    with_adapter = load_adapter(load_for_inference(base).model, tmp_path / "adapter").eval()
     with torch.no_grad():
         torch.testing.assert_close(with_adapter(tokens), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_peft_loads_the_adapter_onto_the_transformers_export_of_the_base(toy_setup, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import peft
+
+    base, data = toy_setup
+    SFTTrainer(sft_config(base, data, tmp_path / "run", max_steps=2, eval_interval=0)).fit()
+    merge(tmp_path / "run", tmp_path / "merged", adapter_out=tmp_path / "adapter", adapter_base="hf-base")
+    assert load_file(tmp_path / "adapter" / "adapter_model.safetensors")[
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"].abs().sum() > 0
+    adapter_config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == "hf-base"
+    hf_base, hf_merged = export_checkpoint(base, tmp_path / "hf-base"), export_checkpoint(tmp_path / "merged",
+                                                                                         tmp_path / "hf-merged")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an adapter name that matches no module is only a warning in peft
+        warnings.simplefilter("ignore", FutureWarning)  # transformers' deprecations, seen by peft
+        adapted = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(hf_base),
+                                                 str(tmp_path / "adapter")).eval()
+    merged = transformers.AutoModelForCausalLM.from_pretrained(hf_merged).eval()
+    tokens = torch.tensor([load_for_inference(base).tokenizer.encode("repeat: red cat\nred cat")])
+    with torch.no_grad():
+        expected = merged(tokens).logits
+        torch.testing.assert_close(adapted(tokens).logits, expected, atol=1e-5, rtol=1e-5)
+        plain = transformers.AutoModelForCausalLM.from_pretrained(hf_base).eval()
+        assert not torch.allclose(plain(tokens).logits, expected, atol=1e-4)  # the adapters do change the logits
 
 
 def test_short_sft_on_a_toy_task_learns_to_answer_and_stop(toy_setup, tmp_path):

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import yaml
 
-from llamalite.config import ChatTemplate, build_section
+from llamalite.config import ChatTemplate, build_section, config_from_dict
 from llamalite.errors import ConfigError, DataError, did_you_mean
 
 if TYPE_CHECKING:
@@ -73,6 +73,48 @@ def template_from_config(config: Config) -> ChatTemplate:
 def stop_strings(template: ChatTemplate, eos_token: str | None = None) -> list[str]:
     """Text that ends a generated answer: the template's stop strings, plus the EOS text when given."""
     return list(template.stop_strings) + ([eos_token] if eos_token else [])
+
+
+def trained_template(raw_config: dict[str, Any]) -> ChatTemplate | None:
+    """The template a fine-tuned checkpoint was trained with (from its saved config), None for one that was not
+    fine-tuned: its sft section names no base and no data (every config has an sft.template default)."""
+    sft = raw_config.get("sft") or {}
+    if not (sft.get("base") or sft.get("data")):
+        return None
+    return template_from_config(config_from_dict(raw_config))
+
+
+def jinja_template(template: ChatTemplate) -> str:
+    """The template as a transformers `chat_template`: apply_chat_template(messages, add_generation_prompt=True)
+    renders exactly the text of conversation_segments, each answer followed by the EOS token (`eos_token`)."""
+    def text(value: str) -> str:  # a Jinja string literal
+        return repr(value)
+
+    def fill(fmt: str, field_name: str, value: str) -> str:
+        return f"{{{{ {text(fmt)} | replace({text('{' + field_name + '}')}, {value}) }}}}"
+
+    return "".join([
+        f"{{%- set system = {text(template.system)} -%}}",
+        "{%- set turns = messages -%}",
+        "{%- if messages and messages[0]['role'] == 'system' -%}",
+        "{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}{%- endif -%}",
+        f"{{%- if system and {text(template.system_format)} -%}}",
+        fill(template.system_format, "system", "system"), "{%- endif -%}",
+        "{%- for message in turns -%}",
+        "{%- if message['role'] == 'user' -%}",
+        f"{{%- if not loop.first -%}}{{{{ {text(template.turn_separator)} }}}}{{%- endif -%}}",
+        fill(template.user_format, "content", "message['content']"),
+        "{%- elif message['role'] == 'assistant' -%}",
+        f"{{{{ {text(template.assistant_prefix)} }}}}",
+        fill(template.assistant_format, "content", "message['content']"), "{{ eos_token }}",
+        "{%- else -%}{{ raise_exception('roles must be system (first), user and assistant') }}{%- endif -%}",
+        "{%- endfor -%}",
+        "{%- if add_generation_prompt -%}",
+        f"{{%- if turns and turns[-1]['role'] == 'assistant' -%}}{{{{ {text(template.turn_separator)} }}}}"
+        "{%- endif -%}",
+        f"{{{{ {text(template.assistant_prefix)} }}}}",
+        "{%- endif -%}",
+    ])
 
 
 # ------------------------------------------------------------------------------------------- conversations

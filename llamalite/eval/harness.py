@@ -128,14 +128,16 @@ def score_requests(
     """(sum of log-probabilities of the continuation, whether greedy decoding would produce it) per request.
 
     Rows are sorted longest first and scored `batch_size` at a time; under torch.distributed each rank
-    scores a share and all ranks receive every score.
+    scores a share and all ranks receive every score. With `progress` (its label) and a terminal, a bar counts the
+    requests (one per choice of each example) with an ETA.
     """
     rows = sorted(_rows(requests, max_length), key=lambda r: (-len(r.inputs), r.index))
     mine = _shard_for_rank(rows)
     batches = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
     scores: dict[int, tuple[float, bool]] = {}
     show = progress is not None and sys.stderr.isatty()
-    for batch in tqdm(batches, desc=progress, unit="batch", disable=not show, leave=False):
+    bar = tqdm(total=len(mine), desc=progress, unit="req", disable=not show, leave=False, dynamic_ncols=True)
+    for batch in batches:
         tokens, positions, targets = (t.to(device) for t in _batch_tensors(batch))
         with autocast if autocast is not None else contextlib.nullcontext():
             logits = logits_fn(tokens, output_positions=positions)
@@ -145,6 +147,8 @@ def score_requests(
         token_greedy = (log_probs.argmax(-1) == targets) | ~scored
         for row, ll, greedy in zip(batch, token_ll.sum(-1).tolist(), token_greedy.all(-1).tolist()):
             scores[row.index] = (ll, greedy)
+        bar.update(len(batch))
+    bar.close()
     scores = _gather_from_ranks(scores)
     return [scores[i] for i in range(len(requests))]
 

@@ -3,7 +3,8 @@
 Each evaluation of one step is one record of the run's `evals.jsonl`:
   {"step", "tokens", "time", "seconds", "source": "train" | "eval", "checkpoint", "limit",
    "metrics": {"eval/<task>/<metric>": value, "val/loss": ..., ...}, "chance": {task: p}, "n": {task: examples},
-   "task_data": {task: fingerprint of the task's data (task_data_fingerprint)}}
+   "task_data": {task: fingerprint of the task's data (task_data_fingerprint)},
+   "available": {task: records in the task's data before the limit} (absent in records of older versions)}
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from llamalite.config import EvalConfig
 from llamalite.eval.harness import LogitsFn, TaskResult, example_requests, flat_metrics, score_requests, task_metrics
-from llamalite.eval.tasks import Example, TaskSpec, load_examples, resolve_tasks, task_data_fingerprint, task_source
+from llamalite.eval.tasks import Example, TaskSpec, load_task, resolve_tasks, task_data_fingerprint, task_source
 from llamalite.tokenizer import Tokenizer
 
 EVALS_FILE = "evals.jsonl"
@@ -29,6 +30,7 @@ class LoadedTask:
     examples: list[Example]
     requests: list[tuple[list[int], list[int]]]  # tokenized once, scored at every evaluation
     fingerprint: str  # of the task's data: an evaluation on other data is another result
+    available: int  # records in the task's data before the limit
 
 
 class BenchmarkSuite:
@@ -40,20 +42,24 @@ class BenchmarkSuite:
         self.tasks = []
         for spec in resolve_tasks(task_names if task_names is not None else eval_cfg.tasks):
             source = task_source(spec, eval_cfg.data_dir, eval_cfg.task_files)
-            examples = load_examples(spec, source, eval_cfg.limit)
+            examples, available = load_task(spec, source, eval_cfg.limit)
             self.tasks.append(LoadedTask(spec, examples, example_requests(tokenizer, examples),
-                                         task_data_fingerprint(spec, source)))
+                                         task_data_fingerprint(spec, source), available))
 
     @property
     def task_data(self) -> dict[str, str]:
         return {task.spec.name: task.fingerprint for task in self.tasks}
+
+    @property
+    def available(self) -> dict[str, int]:
+        return {task.spec.name: task.available for task in self.tasks}
 
     def run(self, logits_fn: LogitsFn, max_length: int, device: torch.device,
             autocast: Any = None) -> dict[str, TaskResult]:
         results = {}
         for task in self.tasks:
             scores = score_requests(logits_fn, task.requests, max_length, self.eval_cfg.batch_size, device, autocast,
-                                    progress=task.spec.name)
+                                    progress=f"{task.spec.name} ({len(task.examples)} examples)")
             results[task.spec.name] = task_metrics(task.spec, task.examples, scores)
         return results
 
@@ -61,9 +67,9 @@ class BenchmarkSuite:
 def eval_record(
     step: int, tokens: int, seconds: float, source: str, results: dict[str, TaskResult],
     val: dict[str, float] | None = None, checkpoint: str | None = None, limit: int | None = None,
-    task_data: dict[str, str] | None = None,
+    task_data: dict[str, str] | None = None, available: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    return {
+    record = {
         "step": step, "tokens": tokens, "time": time.time(), "seconds": seconds, "source": source,
         "checkpoint": checkpoint, "limit": limit,
         "metrics": {**(val or {}), **flat_metrics(results)},
@@ -71,3 +77,4 @@ def eval_record(
         "n": {name: r.n for name, r in results.items()},
         "task_data": task_data or {},
     }
+    return {**record, "available": available} if available else record

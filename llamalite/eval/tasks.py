@@ -234,13 +234,19 @@ def read_hub(spec: TaskSpec) -> list[dict[str, Any]]:
 
 def load_examples(spec: TaskSpec, path: Path | None, limit: int | None = None) -> list[Example]:
     """The task's examples, in file order; with `limit`, the first `limit` (a fixed, deterministic subset)."""
+    return load_task(spec, path, limit)[0]
+
+
+def load_task(spec: TaskSpec, path: Path | None, limit: int | None = None) -> tuple[list[Example], int]:
+    """load_examples, and how many records the task's data holds before the limit."""
     records = read_records(path) if path is not None else read_hub(spec)
     where = str(path) if path is not None else spec.hub[0]
     if not records:
         raise DataError(f"{where} holds no records for task {spec.name}")
+    available = len(records)
     if limit is not None:
         records = records[:limit]
-    return [_build_example(spec, record, where, index) for index, record in enumerate(records)]
+    return [_build_example(spec, record, where, index) for index, record in enumerate(records)], available
 
 
 def _build_example(spec: TaskSpec, record: Any, where: str, index: int) -> Example:

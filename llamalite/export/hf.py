@@ -24,9 +24,10 @@ from llamalite import __version__
 from llamalite.checkpoint.format import load_model_tensors, model_tensors, write_checkpoint_dir
 from llamalite.checkpoint.inference import load_for_inference
 from llamalite.config import Config
+from llamalite.data.sft import jinja_template, trained_template
 from llamalite.errors import ExportError
 from llamalite.files import check_output_dir, move_into, read_jsonl
-from llamalite.model.llama import Llama, ModelConfig
+from llamalite.model.llama import Llama, ModelConfig, hf_name, name_from_hf
 from llamalite.tokenizer import Tokenizer
 
 DTYPES = {"fp32": (torch.float32, "float32"), "bf16": (torch.bfloat16, "bfloat16")}
@@ -109,7 +110,7 @@ def hf_tensors(model: Llama, vocab_size: int, dtype: torch.dtype) -> dict[str, t
     for name, tensor in model_tensors(model).items():
         if name in ("embed_tokens.weight", "lm_head.weight"):
             tensor = tensor[:vocab_size]
-        tensors[name if name == "lm_head.weight" else f"model.{name}"] = tensor.to(dtype).contiguous()
+        tensors[hf_name(name)] = tensor.to(dtype).contiguous()
     return tensors
 
 
@@ -184,9 +185,9 @@ def hf_config(config: ModelConfig, vocab_size: int, dtype_name: str, special: di
 def tokenizer_config(special: dict[str, Any], max_seq_len: int, config: dict[str, Any]) -> dict[str, Any]:
     result = {"tokenizer_class": "PreTrainedTokenizerFast", **{name: special[name] for name in SPECIAL_TOKENS},
               "model_max_length": max_seq_len, "clean_up_tokenization_spaces": False}
-    chat_template = (config.get("sft") or {}).get("chat_template")
-    if chat_template:
-        result["chat_template"] = chat_template
+    template = trained_template(config)  # a fine-tuned model's training template; none for a pretrained one
+    if template is not None:
+        result["chat_template"] = jinja_template(template)
     return result
 
 
@@ -209,7 +210,7 @@ def model_card(checkpoint: Path, state: dict[str, Any], model: Llama, vocab_size
         f"# {name}", "",
         f"{origin(state)}, exported from `{checkpoint.name}` by llamalite {__version__}.", "",
         "| | |", "|---|---|", *(f"| {key} | {value} |" for key, value in rows), "",
-        "## Evaluations", "", *eval_table(run_dir), "",
+        "## Evaluations", "", *eval_table(run_dir, state["step"]), "",
         "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
         'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")',
         'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")',
@@ -231,21 +232,37 @@ def final_val_loss(run_dir: Path | None, step: int) -> str:
     return f"{rows[-1]['val/loss']:.4f} (step {rows[-1]['step']:,})" if rows else "none recorded"
 
 
-def eval_table(run_dir: Path | None) -> list[str]:
-    """The newest step's results in evals.jsonl as a Markdown table (keys `eval/<task>/<metric>`)."""
-    records = read_jsonl(run_dir / "evals.jsonl") if run_dir else []
+def eval_table(run_dir: Path | None, step: int) -> list[str]:
+    """evals.jsonl's benchmark results as a Markdown table with standard errors: those of the exported step if it
+    was evaluated, else those of the newest evaluated step (records carry `eval/<task>/<metric>` under "metrics")."""
+    records = [r for r in (read_jsonl(run_dir / "evals.jsonl") if run_dir else []) if _benchmarks(r)]
     if not records:
-        return ["None recorded (no evals.jsonl in the run directory)."]
-    latest = max(r.get("step", 0) for r in records)
-    results: dict[str, float] = {}
-    for record in records:
-        if record.get("step", 0) == latest:
-            results.update({k: v for k, v in record.items() if k.startswith("eval/") and isinstance(v, (int, float))})
-    lines = [f"At step {latest:,}:", "", "| task | metric | value |", "|---|---|---:|"]
-    for key, value in results.items():
+        return ["None recorded (no benchmark results in the run's evals.jsonl)."]
+    steps = {r.get("step", 0) for r in records}
+    shown = step if step in steps else max(steps)
+    metrics: dict[str, float] = {}
+    for record in sorted(records, key=lambda r: r.get("time", 0)):  # a later evaluation of the step wins
+        if record.get("step", 0) == shown:
+            metrics.update(_benchmarks(record))
+    limits = {r.get("limit") for r in records if r.get("step", 0) == shown}
+    which = "the exported checkpoint" if shown == step else f"the newest evaluated step; step {step:,} has none"
+    subset = "" if limits == {None} else f", on the first {max(x or 0 for x in limits)} examples of each task at most"
+    lines = [f"At step {shown:,} ({which}{subset}), zero-shot, scored as lm-evaluation-harness does:", "",
+             "| task | metric | value | stderr |", "|---|---|---:|---:|"]
+    for key, value in metrics.items():
+        if key.endswith("_stderr"):
+            continue
         task, _, metric = key.removeprefix("eval/").rpartition("/")
-        lines.append(f"| {task} | {metric} | {value:.4f} |")
+        lines.append(f"| {task} | {metric} | {value:.4f} | {_stderr_cell(metrics.get(key + '_stderr'))} |")
     return lines
+
+
+def _benchmarks(record: dict[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in record.get("metrics", {}).items() if k.startswith("eval/") and isinstance(v, (int, float))}
+
+
+def _stderr_cell(value: float | None) -> str:
+    return "-" if value is None or value != value else f"{value:.4f}"  # none, or NaN (one example)
 
 
 # ================================================================================================= import
@@ -341,7 +358,7 @@ def read_hf_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
         with safe_open(hf_dir / filename, framework="pt") as f:
             for name in f.keys():
                 if not name.endswith("rotary_emb.inv_freq"):  # a buffer old transformers versions saved
-                    tensors[name.removeprefix("model.")] = f.get_tensor(name)
+                    tensors[name_from_hf(name)] = f.get_tensor(name)
     return tensors
 
 

@@ -291,3 +291,14 @@ class Llama(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # parameters() yields a tied weight once
+
+
+# transformers' LlamaForCausalLM (and Qwen3ForCausalLM) holds every module of ours but lm_head under `model.`.
+def hf_name(name: str) -> str:
+    """transformers' name of one of our modules or tensors: `layers.0.mlp.up_proj` -> `model.layers.0.mlp.up_proj`."""
+    return name if name.split(".", 1)[0] == "lm_head" else f"model.{name}"
+
+
+def name_from_hf(name: str) -> str:
+    """Our name of a transformers module or tensor: the inverse of hf_name."""
+    return name.removeprefix("model.")

@@ -6,13 +6,15 @@ A LoRA model keeps every parameter name of its Llama under peft's module names (
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from llamalite.errors import ConfigError
+from llamalite.errors import CheckpointError, ConfigError
+from llamalite.model.llama import hf_name, name_from_hf
 
 
 class LoraSettings(Protocol):
@@ -52,9 +54,36 @@ def is_lora_state(tensor_names: Iterable[str]) -> bool:
     return any(".lora_A." in name for name in tensor_names)
 
 
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."  # what peft puts before a module's name in the adapter's tensor names
+
+
 def save_adapter(peft_model: Any, out_dir: Path, base: str | None) -> Path:
-    """adapter_config.json + adapter_model.safetensors, loadable with
-    peft.PeftModel.from_pretrained(Llama(...), out_dir)."""
+    """adapter_config.json + adapter_model.safetensors under transformers' module names, loadable with
+    peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(<export of the base>), out_dir)."""
     peft_model.peft_config["default"].base_model_name_or_path = base
     peft_model.save_pretrained(str(out_dir), save_embedding_layers=False)  # adapters only: embeddings are not adapted
+    weights = Path(out_dir) / ADAPTER_WEIGHTS
+    save_file(renamed(load_file(weights), hf_name), weights, metadata={"format": "pt"})
     return out_dir
+
+
+def load_adapter(model: nn.Module, adapter_dir: Path) -> Any:
+    """A saved adapter (transformers' names) injected into one of our Llamas: the PeftModel wrapping it."""
+    peft = require_peft()
+    weights = Path(adapter_dir) / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"{weights} not found: pass a folder written by llamalite merge --adapter-out")
+    config = peft.PeftConfig.from_pretrained(str(adapter_dir))
+    config.base_model_name_or_path = None  # `model` is the base (peft warns when a config names another)
+    peft_model = peft.get_peft_model(model, config)
+    result = peft.set_peft_model_state_dict(peft_model, renamed(load_file(weights), name_from_hf))
+    if result.unexpected_keys:
+        raise CheckpointError(f"{weights} holds tensors this model has no place for "
+                              f"({result.unexpected_keys[0]}, ...): load it onto the base it was trained on")
+    return peft_model
+
+
+def renamed(tensors: dict[str, Any], rename: Callable[[str], str]) -> dict[str, Any]:
+    """Adapter tensors with each module name (after peft's prefix) passed through `rename`."""
+    return {PEFT_PREFIX + rename(name.removeprefix(PEFT_PREFIX)): tensor for name, tensor in tensors.items()}

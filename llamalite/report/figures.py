@@ -240,7 +240,7 @@ def benchmark_figure(runs: list[Run], path: Path) -> Path:
     if not panels:
         fig = Figure(figsize=(WIDTH_IN, 2.5), layout="constrained")
         say(fig.subplots(), "no benchmark evaluations yet (evals.jsonl is absent or empty): run "
-                            "llamalite eval RUN_DIR, or set eval.tasks and eval.interval to score during training")
+                            "llamalite eval RUN_DIR --tasks all, or set eval.tasks and eval.interval")
         return save(fig, path)
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)

@@ -11,6 +11,8 @@ from llamalite.checkpoint.inference import load_for_inference
 from llamalite.cli import main
 from llamalite.config import Config, DataConfig
 from llamalite.errors import CheckpointError, ExportError
+from llamalite.eval.harness import TaskResult
+from llamalite.eval.suite import eval_record
 from llamalite.export.hf import export_checkpoint, import_hf, parse_size
 from llamalite.model.llama import Llama, ModelConfig, RMSNorm
 from llamalite.tokenizer import Tokenizer
@@ -212,12 +214,36 @@ def test_model_card_reports_tokens_val_loss_and_latest_evals(tokenizer_dir, tmp_
     checkpoint = write_checkpoint(run_dir, random_model(padded_vocab(tokenizer_dir)), tokenizer_dir, step=7)
     (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [
         {"step": 0, "val/loss": 5.5}, {"step": 6, "val/loss": 4.25}, {"step": 9, "val/loss": 4.0}]) + "\n")
-    (run_dir / "evals.jsonl").write_text("\n".join(json.dumps(r) for r in [
-        {"step": 3, "eval/hellaswag/acc_norm": 0.2}, {"step": 7, "eval/hellaswag/acc_norm": 0.3125}]) + "\n")
+    write_evals(run_dir, {3: 0.2, 7: 0.3125})
     card = (export_checkpoint(checkpoint, tmp_path / "hf") / "README.md").read_text()
     assert "| training tokens | 448 |" in card and "| training steps | 7 |" in card
     assert "4.2500 (step 6)" in card
-    assert "At step 7" in card and "| hellaswag | acc_norm | 0.3125 |" in card
+    assert "At step 7 (the exported checkpoint, on the first 16 examples" in card
+    assert "| task | metric | value | stderr |" in card
+    assert "| hellaswag | acc_norm | 0.3125 | 0.1197 |" in card and "| hellaswag | acc | 0.2500 | 0.1118 |" in card
+    assert "| lambada_openai | perplexity | 42.5000 | - |" in card
+    assert "| lambada_openai | acc | 0.3750 | 0.1250 |" in card
+
+
+def write_evals(run_dir, acc_norm_by_step):
+    """evals.jsonl as `llamalite eval` writes it (suite.eval_record): metrics under "metrics", with stderr."""
+    records = []
+    for step, acc_norm in acc_norm_by_step.items():
+        hellaswag = TaskResult("hellaswag", 16, {"acc": 0.25, "acc_stderr": 0.1118, "acc_norm": acc_norm,
+                                                 "acc_norm_stderr": 0.1197}, 0.25)
+        lambada = TaskResult("lambada_openai", 16, {"acc": 0.375, "acc_stderr": 0.125, "perplexity": 42.5}, 0.0)
+        records.append(eval_record(step, step * 64, 1.0, "eval", {"hellaswag": hellaswag, "lambada_openai": lambada},
+                                   {"val/loss": 4.0}, f"step_{step:07d}", 16))
+    (run_dir / "evals.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_model_card_falls_back_to_the_newest_evaluated_step(tokenizer_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    checkpoint = write_checkpoint(run_dir, random_model(padded_vocab(tokenizer_dir)), tokenizer_dir, step=7)
+    write_evals(run_dir, {3: 0.2, 5: 0.25})
+    card = (export_checkpoint(checkpoint, tmp_path / "hf") / "README.md").read_text()
+    assert "At step 5 (the newest evaluated step; step 7 has none" in card
+    assert "| hellaswag | acc_norm | 0.2500 | 0.1197 |" in card and "0.2000" not in card
 
 
 def test_a_tokenizer_other_than_the_runs_is_refused(tokenizer_dir, tmp_path):
