@@ -129,7 +129,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     task_files = dict(_key_value(item, "--task-file") for item in args.task_file)
     options = SweepOptions(tasks=_task_list(args.tasks), limit=args.limit, all_checkpoints=args.all_checkpoints,
                            val_loss=not args.no_val_loss, batch_size=args.batch_size, data_dir=args.data_dir,
-                           task_files=task_files, device=args.device, dtype=args.dtype)
+                           task_files=task_files, device=args.device, dtype=args.dtype,
+                           skip_too_long=args.skip_too_long)
     records = evaluate_checkpoints(Path(args.target), options)
     table_records = read_evals_for(Path(args.target), options, records)
     print(dynamics_table(table_records, width=shutil.get_terminal_size().columns))
@@ -306,6 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-file", action="append", default=[], metavar="TASK=PATH",
                    help="a task's local file (repeatable)")
     p.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass (default: 32)")
+    p.add_argument("--skip-too-long", action="store_true",
+                   help="leave out documents whose continuation is longer than the model's context (counted per "
+                   "task in evals.jsonl) instead of stopping before any scoring; long contexts are left-truncated "
+                   "either way, as lm-evaluation-harness does")
     p.add_argument("--no-val-loss", action="store_true", help="skip the validation loss on the run's held-out split")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",

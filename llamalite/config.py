@@ -164,6 +164,9 @@ class EvalConfig:
     limit: int | None = None  # score the first N examples of each task (a fixed subset); None: all
     interval: int = 0  # in training: benchmarks every N steps (and at the last step); 0 disables
     batch_size: int = 32  # sequences per forward pass when scoring
+    # leave out documents whose continuation is longer than the model's context (counted per task in evals.jsonl);
+    # false: such a document is an error before anything is scored. A long context is left-truncated either way
+    skip_too_long: bool = False
 
 
 @dataclass

@@ -37,6 +37,7 @@ class SweepOptions:
     task_files: dict[str, str] = field(default_factory=dict)
     device: str = "auto"
     dtype: str = "fp32"
+    skip_too_long: bool = False  # leave out documents whose continuation is longer than the model's context
 
 
 def run_dir_of(checkpoint: Path) -> Path | None:
@@ -107,9 +108,7 @@ def evaluate_checkpoints(target: Path, options: SweepOptions) -> list[dict[str, 
                 continue
             loaded = load_for_inference(checkpoint)
             if suite is None and specs:
-                eval_cfg = EvalConfig(tasks=options.tasks, data_dir=options.data_dir, task_files=options.task_files,
-                                      limit=options.limit, batch_size=options.batch_size)
-                suite = BenchmarkSuite(eval_cfg, loaded.tokenizer)
+                suite = _load_suite(options, loaded)
             elif suite is not None and loaded.tokenizer.fingerprint != suite.tokenizer.fingerprint:
                 raise CheckpointError(f"{checkpoint} uses another tokenizer than the checkpoints before it: "
                                       "evaluate checkpoints of one run at a time")
@@ -124,6 +123,19 @@ def evaluate_checkpoints(target: Path, options: SweepOptions) -> list[dict[str, 
     return records
 
 
+def _load_suite(options: SweepOptions, loaded: InferenceModel) -> BenchmarkSuite:
+    """The tasks read, tokenized and checked against the model's context: a document that cannot be scored fails
+    here, before any checkpoint is scored."""
+    eval_cfg = EvalConfig(tasks=options.tasks, data_dir=options.data_dir, task_files=options.task_files,
+                          limit=options.limit, batch_size=options.batch_size, skip_too_long=options.skip_too_long)
+    suite = BenchmarkSuite(eval_cfg, loaded.tokenizer, max_length=loaded.model.config.max_seq_len)
+    for task, count in suite.skipped.items():
+        if count:
+            print(f"{task}: skipped {count} documents whose continuation is longer than the model's context of "
+                  f"{loaded.model.config.max_seq_len} tokens (--skip-too-long)", file=sys.stderr)
+    return suite
+
+
 def _evaluate_one(loaded: InferenceModel, suite: BenchmarkSuite | None, options: SweepOptions, device: torch.device,
                   autocast: Any) -> dict[str, Any]:
     model = loaded.model.to(device)
@@ -132,7 +144,8 @@ def _evaluate_one(loaded: InferenceModel, suite: BenchmarkSuite | None, options:
     results = suite.run(model, model.config.max_seq_len, device, autocast) if suite else {}
     seconds = time.perf_counter() - started
     return eval_record(loaded.step, loaded.tokens_seen, seconds, "eval", results, val, loaded.path.name, options.limit,
-                       suite.task_data if suite else None, suite.available if suite else None)
+                       suite.task_data if suite else None, suite.available if suite else None,
+                       suite.skipped if suite else None)
 
 
 def _checkpoint_validation(loaded: InferenceModel, device: torch.device, autocast: Any) -> dict[str, float] | None:

@@ -1,12 +1,13 @@
 import json
 import random
+import shutil
 
 import pytest
 
 from llamalite.checkpoint.format import list_checkpoints, save_checkpoint
 from llamalite.cli import main
 from llamalite.config import Config, DataConfig
-from llamalite.errors import CheckpointError
+from llamalite.errors import CheckpointError, EvalError
 from llamalite.evaluate import SweepOptions, dynamics_table, evaluate_checkpoints
 from llamalite.files import read_jsonl
 from llamalite.tokenizer import Tokenizer
@@ -198,3 +199,44 @@ def test_output_json_needs_benchmarks(trained_run, tmp_path, capsys):
     run_dir, _ = trained_run
     assert main(["eval", str(run_dir), "--val-only", "--output-json", str(tmp_path / "x.json")]) == 2
     assert "--output-json" in capsys.readouterr().err
+
+
+def write_long_piqa(path, long_documents=(2, 5)):
+    """A PIQA-schema file whose listed documents have a solution far longer than the test model's 16-token context."""
+    rng = random.Random(2)
+    records = [{"goal": " ".join(rng.choice(WORDS) for _ in range(5)), "label": i % 2,
+                "sol1": " ".join(rng.choice(WORDS) for _ in range(3)),
+                "sol2": " ".join(rng.choice(WORDS) for _ in range(40 if i in long_documents else 4))} for i in range(8)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_cli_eval_checks_the_context_before_scoring_and_can_skip(trained_run, tmp_path, capsys):
+    run_dir, tasks_dir = trained_run
+    run_copy = tmp_path / "run"
+    shutil.copytree(run_dir, run_copy)
+    before = read_jsonl(run_copy / "evals.jsonl")
+    piqa = write_long_piqa(tmp_path / "piqa.jsonl")
+    args = ["eval", str(run_copy), "--tasks", "hellaswag,piqa", "--data-dir", str(tasks_dir), "--task-file",
+            f"piqa={piqa}", "--no-val-loss"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "piqa documents 2, 5 (2 of 8) have continuations of " in err and "--skip-too-long" in err
+    assert "hellaswag" not in err and "evaluated" not in err
+    assert read_jsonl(run_copy / "evals.jsonl") == before  # nothing was scored, not even hellaswag
+    assert main([*args, "--skip-too-long"]) == 0
+    assert "piqa: skipped 2 documents" in capsys.readouterr().err
+    record = read_jsonl(run_copy / "evals.jsonl")[-1]
+    assert record["skipped"] == {"hellaswag": 0, "piqa": 2} and record["n"] == {"hellaswag": 10, "piqa": 6}
+
+
+def test_training_checks_the_context_before_its_first_step(corpus_dir, prepared_dir, tmp_path):
+    piqa = write_long_piqa(tmp_path / "piqa.jsonl")
+    config = small_config(corpus_dir, prepared_dir, tmp_path / "run", max_steps=2)
+    config.eval.tasks, config.eval.task_files, config.eval.interval = ["piqa"], {"piqa": str(piqa)}, 1
+    with pytest.raises(EvalError, match="piqa documents 2, 5"):
+        Trainer(config)
+    config.eval.skip_too_long = True
+    Trainer(config).fit()
+    records = read_jsonl(tmp_path / "run" / "evals.jsonl")
+    assert records and all(r["skipped"] == {"piqa": 2} and r["n"] == {"piqa": 6} for r in records)

@@ -22,6 +22,7 @@ def default_out_dir(run_dirs: list[Path]) -> Path:
 
 def build_report(run_dirs: list[Path | str], out_dir: Path | str | None = None) -> Path:
     """Write the report of one run (or several overlaid) and return the path of its index.html."""
+    from llamalite.report.emergence import emergence_figure
     from llamalite.report.exports import write_exports
     from llamalite.report.figures import benchmark_figure, loss_figure, throughput_figure
     from llamalite.report.page import render_page
@@ -36,6 +37,7 @@ def build_report(run_dirs: list[Path | str], out_dir: Path | str | None = None) 
         "loss": loss_figure(runs, out / "loss.png"),
         "throughput": throughput_figure(runs, out / "throughput.png"),
         "benchmarks": benchmark_figure(runs, out / "benchmarks.png"),
+        "emergence": emergence_figure(runs, out / "emergence.png"),
     }
     files = write_exports(runs, out) + list(figures.values())
     index = out / "index.html"

@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
-from llamalite.report.runs import Marker, Run
+from llamalite.report.runs import BITS_PER_BYTE, NATS, LossUnit, Marker, Run, loss_unit
 
 RUN_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
 # Event lines: the style tells the kind; the colour is the run's when several runs are overlaid, else black.
@@ -25,11 +25,19 @@ EVENT_STYLES = {  # kind -> (line style, line width, legend label)
     "skipped_step": (":", 0.9, "skipped step"),
 }
 METRIC_STYLES = ["-", "--", ":", "-."]
+# acc and acc_norm read apart in any colour: their own marker and line style; other metrics take the rest in turn.
+NAMED_METRIC_STYLES = {"acc": ("-", "o"), "acc_norm": ("--", "s")}
+OTHER_METRIC_MARKERS = ["^", "D", "v", "P"]
 WIDTH_IN, DPI = 10.0, 100
 
 
 def run_color(index: int) -> str:
     return RUN_COLORS[index % len(RUN_COLORS)]
+
+
+def metric_style(metric: str, index: int) -> tuple[str, str]:
+    """(line style, marker) of a metric: fixed for acc and acc_norm, else by its index among the panel's metrics."""
+    return NAMED_METRIC_STYLES.get(metric, (METRIC_STYLES[(index + 2) % 4], OTHER_METRIC_MARKERS[index % 4]))
 
 
 def save(fig: Figure, path: Path) -> Path:
@@ -120,22 +128,36 @@ def add_legend(ax, kinds: set[str], fontsize: float = 8) -> None:
 
 # ------------------------------------------------------------------------------------------------ loss
 def loss_figure(runs: list[Run], path: Path) -> Path:
-    """Train and validation loss against tokens, with the LR and gradient norm on aligned panels below."""
-    fig = Figure(figsize=(WIDTH_IN, 9), layout="constrained")
-    loss_ax, lr_ax, norm_ax = fig.subplots(3, 1, sharex=True, height_ratios=[3, 1, 1])
+    """Train and validation loss against tokens, with the LR and gradient norm on aligned panels below.
+
+    Where the runs' tokenizers differ, the top panel overlays validation loss in bits per byte (with a note saying
+    why) and the training loss, per token of each run's own tokenizer, moves to a panel of its own."""
+    unit = loss_unit(runs)
+    per_byte = unit is BITS_PER_BYTE
+    fig = Figure(figsize=(WIDTH_IN, 11 if per_byte else 9), layout="constrained")
+    axes = fig.subplots(4 if per_byte else 3, 1, sharex=True, height_ratios=[3, 2, 1, 1] if per_byte else [3, 1, 1])
+    loss_ax, lr_ax, norm_ax = axes[0], axes[-2], axes[-1]
+    train_ax = axes[1] if per_byte else loss_ax
     if not any(run.train or run.val for run in runs):
         say(loss_ax, "no training steps or validation logged yet")
-        lr_ax.set_visible(False)
-        norm_ax.set_visible(False)
+        for ax in axes[1:]:
+            ax.set_visible(False)
         return save(fig, path)
     for i, run in enumerate(runs):
-        draw_loss(loss_ax, lr_ax, norm_ax, run, run_color(i), several=len(runs) > 1)
+        draw_loss(loss_ax, train_ax, lr_ax, norm_ax, run, run_color(i), several=len(runs) > 1, unit=unit)
     kinds = set()
-    for ax in (loss_ax, lr_ax, norm_ax):
+    for ax in axes:
         kinds |= mark_events(ax, runs, tokens_of)
         ax.grid(True, which="major", alpha=0.3)
-    loss_ax.set_ylabel("loss (nats/token)")
-    loss_ax.set_title("Loss against tokens seen")
+    loss_ax.set_ylabel(unit.label if per_byte else "loss (nats/token)")
+    title = "Loss against tokens seen"
+    loss_ax.set_title(title + (f"\n{textwrap.fill('Note: ' + unit.reason, 110)}" if per_byte else ""),
+                      fontsize=10 if per_byte else None)
+    if per_byte and not any(isinstance(v.get("bits_per_byte"), (int, float)) for run in runs for v in run.val):
+        say(loss_ax, "val/bits_per_byte not recorded in these runs: validation losses per token of different "
+                     "tokenizers are not comparable, so none is overlaid")
+    if per_byte:
+        train_ax.set_ylabel("train loss (nats per token\nof each run's tokenizer)")
     lr_ax.set_ylabel("learning rate")
     norm_ax.set_ylabel("grad norm\n(before clipping)")
     if max((r.get("train/grad_norm") or 0 for run in runs for r in run.train),
@@ -143,6 +165,8 @@ def loss_figure(runs: list[Run], path: Path) -> Path:
         norm_ax.set_yscale("log")
     set_tokens_axis(norm_ax, all_tokens(runs))
     add_legend(loss_ax, kinds)
+    if per_byte:
+        add_legend(train_ax, set())
     return save(fig, path)
 
 
@@ -151,17 +175,20 @@ def min_positive_norm(runs: list[Run]) -> float:
     return min(norms, default=math.inf)
 
 
-def draw_loss(loss_ax, lr_ax, norm_ax, run: Run, color: str, several: bool) -> None:
+def draw_loss(loss_ax, train_ax, lr_ax, norm_ax, run: Run, color: str, several: bool, unit: LossUnit = NATS) -> None:
     prefix = f"{run.label}: " if several else ""
     rows = [r for r in run.train if "train/tokens" in r]
     tokens = [r["train/tokens"] for r in rows]
     if rows:
-        loss_ax.plot(tokens, [r["train/loss"] for r in rows], color=color, linewidth=1.4, label=f"{prefix}train loss")
+        train_ax.plot(tokens, [r["train/loss"] for r in rows], color=color, linewidth=1.4,
+                      label=f"{prefix}train loss")
         lr_ax.plot(tokens, [r.get("train/lr", math.nan) for r in rows], color=color, linewidth=1.2)
         norm_ax.plot(tokens, [r.get("train/grad_norm", math.nan) for r in rows], color=color, linewidth=1.0)
-    if run.val:
-        loss_ax.plot([v["tokens"] for v in run.val], [v["loss"] for v in run.val], color=color, linestyle="--",
-                     marker="o", markersize=4, label=f"{prefix}validation loss")
+    val = [v for v in run.val if isinstance(v.get(unit.key), (int, float))]
+    if val:
+        name = "validation bits per byte" if unit is BITS_PER_BYTE else "validation loss"
+        loss_ax.plot([v["tokens"] for v in val], [v[unit.key] for v in val], color=color, linestyle="--",
+                     marker="o", markersize=4, label=f"{prefix}{name}")
 
 
 # ------------------------------------------------------------------------------------------------ throughput
@@ -257,6 +284,16 @@ def benchmark_figure(runs: list[Run], path: Path) -> Path:
     return save(fig, path)
 
 
+def draw_stderr(ax, points, color: str) -> None:
+    """±1 standard error: a band through two points or more, error bars on a single point (a band would not show)."""
+    band = [(t, v - s, v + s) for _, t, v, s in points if s is not None]
+    if len(points) == 1 and band:
+        _, tokens, value, stderr = points[0]
+        ax.errorbar([tokens], [value], yerr=[stderr], color=color, capsize=4, linestyle="none")
+    elif band:
+        ax.fill_between(*zip(*band), color=color, alpha=0.15, linewidth=0)
+
+
 def draw_benchmark(ax, runs: list[Run], task: str, metrics: list[str], is_perplexity: bool,
                    events_in_legend: bool) -> None:
     for i, run in enumerate(runs):
@@ -267,11 +304,9 @@ def draw_benchmark(ax, runs: list[Run], task: str, metrics: list[str], is_perple
             points = bench.series[metric]
             tokens, values = [p[1] for p in points], [p[2] for p in points]
             label = f"{run.label} {metric}" if len(runs) > 1 else metric
-            ax.plot(tokens, values, color=run_color(i), linestyle=METRIC_STYLES[j % 4], marker="o", markersize=3,
-                    label=label)
-            band = [(t, v - s, v + s) for t, v, s in zip(tokens, values, [p[3] for p in points]) if s is not None]
-            if band:
-                ax.fill_between(*zip(*band), color=run_color(i), alpha=0.15, linewidth=0)
+            linestyle, marker = metric_style(metric, j)
+            ax.plot(tokens, values, color=run_color(i), linestyle=linestyle, marker=marker, markersize=4, label=label)
+            draw_stderr(ax, points, run_color(i))
     chance = next((run.benchmarks[task].chance for run in runs if task in run.benchmarks), None)
     if chance is not None and not is_perplexity:
         ax.axhline(chance, color="#777777", linestyle=(0, (1, 1)), linewidth=1.8, label=f"chance {chance:g}")

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from llamalite import __version__
-from llamalite.report.runs import Run, event_detail, summary_row
+from llamalite.report.emergence import LeftChance, left_chance
+from llamalite.report.runs import Run, event_detail, loss_unit, summary_row
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 1.5em auto; max-width: 1100px;
@@ -83,6 +84,36 @@ def figure_section(title: str, png: Path, caption: str) -> str:
     data = base64.b64encode(png.read_bytes()).decode("ascii")
     return (f"<h2>{escape(title)}</h2><figure><img alt=\"{escape(title)}\" src=\"data:image/png;base64,{data}\">"
             f"<figcaption>{caption} ({escape(png.name)})</figcaption></figure>")
+
+
+def emergence_section(runs: list[Run], png: Path) -> str:
+    unit = loss_unit(runs)
+    caption = (f"Each benchmark's score (±1 standard-error bars) against the {escape(unit.label)} of the same "
+               "checkpoint, one colour per run (acc: circles, solid; acc_norm: squares, dashed), the chance level "
+               "dotted. The loss axis is reversed, lower loss to the right, so training progresses left to right. "
+               "A star marks where the task left chance.")
+    if unit.reason:
+        caption += f" Note: {escape(unit.reason)}."
+    return figure_section("Emergence: benchmarks against validation loss", png, caption) + left_chance_table(runs)
+
+
+def left_chance_table(runs: list[Run]) -> str:
+    rows = [left_chance_row(entry) for entry in left_chance(runs, loss_unit(runs))]
+    if not rows:
+        return "<p>No benchmark with a chance level scored yet.</p>"
+    header = ["run", "task", "metric", "chance", "left chance at (step)", f"val loss there ({loss_unit(runs).key})",
+              "score there"]
+    intro = ("<p>Left chance at: the first checkpoint whose score exceeds the chance level by 2 standard errors "
+             "(a score without a standard error cannot tell, and is passed over).</p>")
+    return intro + table(header, rows, classes=dict.fromkeys([3, 4, 5, 6], "num"))
+
+
+def left_chance_row(entry: LeftChance) -> list[str]:
+    first = entry.first
+    cells = [escape(entry.run), escape(entry.task), escape(entry.metric), f"{entry.chance:g}"]
+    if first is None:
+        return cells + ["not yet", "–", "–"]
+    return cells + [f"{first.step:,}", fmt_number(first.loss), f"{first.score:.3f} ± {first.stderr:.3f}"]
 
 
 def samples_section(runs: list[Run]) -> str:
@@ -162,7 +193,9 @@ def render_page(runs: list[Run], figures: dict[str, Path], files: list[Path]) ->
                        "Tokens per second and model FLOPs utilisation against wall-clock time since each run started; "
                        "gaps are time the run was not running."),
         figure_section("Benchmarks", figures["benchmarks"],
-                       "Each benchmark against tokens seen, with ±1 standard-error bands and the random-chance line."),
+                       "Each benchmark against tokens seen, with ±1 standard-error bands (error bars on a single "
+                       "point) and the random-chance line; acc and acc_norm differ in marker and line style."),
+        emergence_section(runs, figures["emergence"]) if "emergence" in figures else "",
         samples_section(runs),
         events_section(runs),
         files_section(runs, files),

@@ -163,8 +163,26 @@ def _read_checkpoints(run_dir: Path) -> list[dict[str, Any]]:
         except (OSError, json.JSONDecodeError):
             state = {}
         step = int(CHECKPOINT_NAME.match(folder.name).group(1))
-        checkpoints.append({"name": folder.name, "step": step, "tokens": state.get("tokens_seen")})
+        checkpoints.append({"name": folder.name, "step": step, "tokens": state.get("tokens_seen"),
+                            "tokenizer": state.get("tokenizer_fingerprint")})
     return checkpoints
+
+
+def tokenizer_identity(run: Run) -> str | None:
+    """What tells the run's tokenizer apart: the fingerprint its newest checkpoint recorded (sha256 of the
+    tokenizer's canonical JSON), else the tokenizer.path of config.yaml, else None (unknown: a tokenizer trained
+    on the run's data is told apart only by its fingerprint)."""
+    for checkpoint in reversed(run.checkpoints):
+        if isinstance(checkpoint.get("tokenizer"), str):
+            return checkpoint["tokenizer"]
+    path = (run.config.get("tokenizer") or {}).get("path")
+    return f"path:{path}" if path else None
+
+
+def tokenizers_differ(runs: list[Run]) -> bool:
+    """True where several runs do not all share one known tokenizer: their losses per token are not comparable."""
+    identities = [tokenizer_identity(run) for run in runs]
+    return len(runs) > 1 and (None in identities or len(set(identities)) > 1)
 
 
 def _is_number(value: Any) -> bool:
@@ -369,3 +387,27 @@ def summary_row(run: Run) -> dict[str, Any]:
         "best_val_step": best["step"] if best else None,
         "final_scores": final_scores,
     }
+
+
+# ------------------------------------------------------------------------------------------------ loss unit
+@dataclass(frozen=True)
+class LossUnit:
+    """The unit runs' validation losses are compared in: `key` of a run.val point, axis label, and why (if not
+    the plain per-token loss)."""
+
+    key: str
+    label: str
+    reason: str | None = None
+
+
+NATS = LossUnit("loss", "validation loss (nats per token)")
+BITS_PER_BYTE = LossUnit(
+    "bits_per_byte", "validation loss (bits per byte)",
+    "the runs use different tokenizers, so a loss per token is not comparable between them: validation loss is "
+    "shown in bits per byte of text",
+)
+
+
+def loss_unit(runs: list[Run]) -> LossUnit:
+    """Bits per byte where the runs' tokenizers differ (or cannot be told apart), else nats per token."""
+    return BITS_PER_BYTE if tokenizers_differ(runs) else NATS

@@ -104,7 +104,7 @@ class BenchmarkCallback(Callback):
         results = self.suite.run(trainer.model, trainer.config.model.max_seq_len, trainer.device, trainer.autocast())
         seconds = time.perf_counter() - started
         record = eval_record(trainer.step, trainer.tokens_seen, seconds, "train", results, limit=self.limit,
-                             task_data=self.suite.task_data)
+                             task_data=self.suite.task_data, skipped=self.suite.skipped)
         self.file.write(record)
         self.context.metrics.scalars(trainer.step, {**record["metrics"], "eval/seconds": seconds,
                                                     "eval/tokens": trainer.tokens_seen})

@@ -141,8 +141,14 @@ class Trainer:
         self.validation = ValidationCallback(self.train_cfg.eval_interval)
         self.samples = SamplesCallback(self.train_cfg.sample_interval if self.train_cfg.sample_prompts else 0)
         self.callbacks: list[Callback] = [self.validation]
-        if config.eval.tasks and config.eval.interval > 0:  # tasks read and tokenized now: problems surface at once
-            suite = BenchmarkSuite(config.eval, self.tokenizer)
+        if config.eval.tasks and config.eval.interval > 0:
+            # Tasks read, tokenized and checked against the context now: a document that cannot be scored stops the
+            # run before its first step (or, with eval.skip_too_long, is left out with a warning), never mid-run.
+            suite = BenchmarkSuite(config.eval, self.tokenizer, max_length=config.model.max_seq_len)
+            for task, count in suite.skipped.items():
+                if count:
+                    logger.warning(f"{task}: {count} documents with a continuation longer than model.max_seq_len "
+                                   f"{config.model.max_seq_len} are left out of the benchmark (eval.skip_too_long)")
             self.callbacks.append(BenchmarkCallback(suite, config.eval.interval, config.eval.limit))
         self.callbacks.append(self.samples)
         self.flops_per_token = training_flops_per_token(config.model, self.seq_len)

@@ -153,6 +153,22 @@ def test_exported_tokenizer_encodes_like_ours_and_eos_is_the_tokenizers(tokenize
     assert "chat_template" not in json.loads((out / "tokenizer_config.json").read_text())
 
 
+def test_a_literal_end_of_text_is_the_special_id_in_transformers_unless_special_tokens_are_split(tokenizer_dir,
+                                                                                                  tmp_path):
+    """docs/export.md, "Special tokens in text": llamalite spells a literal <|endoftext|> with ordinary pieces;
+    transformers maps it to the special id by default, and gives our ids with split_special_tokens=True."""
+    ours = Tokenizer.load(tokenizer_dir / "tokenizer.json")
+    out = export_checkpoint(write_checkpoint(tmp_path / "run", random_model(padded_vocab(tokenizer_dir)),
+                                             tokenizer_dir),
+                            tmp_path / "hf")
+    text = "the king speaks<|endoftext|>the queen"
+    mine = ours.encode(text)
+    assert ours.eos_id not in mine
+    default = transformers.AutoTokenizer.from_pretrained(out)(text).input_ids
+    assert default.count(ours.eos_id) == 1 and default != mine
+    assert transformers.AutoTokenizer.from_pretrained(out, split_special_tokens=True)(text).input_ids == mine
+
+
 def test_generate_stops_at_eos(tokenizer_dir, tmp_path):
     eos = Tokenizer.load(tokenizer_dir / "tokenizer.json").eos_id
     model = random_model(padded_vocab(tokenizer_dir))
