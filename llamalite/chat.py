@@ -20,8 +20,8 @@ from typing import Any, TextIO
 import torch
 
 from llamalite.checkpoint.inference import InferenceModel
-from llamalite.config import ChatTemplate, config_from_dict
-from llamalite.data.sft import encode_prompt, get_template, stop_strings, template_from_config
+from llamalite.config import ChatTemplate, SFTConfig, config_from_dict
+from llamalite.data.sft import encode_prompt, get_template, stop_strings, trained_template
 from llamalite.errors import ConfigError
 from llamalite.generate import Generation, SamplingOptions, generate, iter_generate_ids
 from llamalite.runtime import seeded_generator
@@ -38,12 +38,14 @@ def template_from_state(state: dict[str, Any], name: str | None = None) -> tuple
     """
     raw = state.get("config") or {}
     sft = raw.get("sft") or {}
-    if name is None and (sft.get("base") or sft.get("data")):
+    if name is None:
         try:
-            config = config_from_dict(raw)
-            return config.sft.template, template_from_config(config)
+            trained = trained_template(raw)
         except ConfigError as exc:
             warnings.warn(f"{exc}; using the {DEFAULT_TEMPLATE!r} template (pass --template to choose)", stacklevel=2)
+            trained = None
+        if trained is not None:
+            return sft.get("template") or SFTConfig.template, trained
     name = name or DEFAULT_TEMPLATE
     extra = {}
     if name in (sft.get("templates") or {}):  # a template defined in the run's config

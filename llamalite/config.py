@@ -250,6 +250,14 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     return config_from_dict(raw)
 
 
+def with_overrides(config: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """A copy of `config` with `a.b=value` overrides applied, parsed and checked as load_config does."""
+    raw = config.to_dict()
+    for item in overrides:
+        _apply_override(raw, item)
+    return config_from_dict(raw)
+
+
 def config_from_dict(raw: dict[str, Any]) -> Config:
     config = build_section(Config, raw, prefix="")
     _apply_model_preset(config, raw.get("model") or {})

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llamalite.config import Config, TrainConfig
+from llamalite.config import Config, TrainConfig, with_overrides
 from llamalite.errors import ConfigError
 from llamalite.model.llama import Llama, ModelConfig
 from llamalite.model.presets import training_flops_per_token
@@ -234,7 +234,6 @@ class Plan:
     accumulation: int
     memory: MemoryPlan
     flops_per_token: int
-    tokens_per_step: int
     step_seconds: float
     shard_bytes: int
     checkpoint_bytes: int
@@ -275,7 +274,7 @@ def plan_run(config: Config, hardware: Hardware, vocab_size: int | None = None, 
     step_seconds = flops_per_token * train.batch_tokens / (hardware.gpus * hardware.peak_flops * hardware.mfu)
     plan = Plan(config=config, hardware=hardware, model_cfg=model_cfg, counts=counts, parallel=parallel,
                 precision=precision, seq_len=seq_len, accumulation=accumulation, memory=memory,
-                flops_per_token=flops_per_token, tokens_per_step=train.batch_tokens, step_seconds=step_seconds,
+                flops_per_token=flops_per_token, step_seconds=step_seconds,
                 shard_bytes=shard_bytes(config, model_cfg), checkpoint_bytes=checkpoint_bytes(config, counts),
                 checkpoints_on_disk=checkpoints_on_disk(train))
     plan.notes = plan_notes(plan)
@@ -399,7 +398,7 @@ def fitting_overrides(config: Config, hardware: Hardware, vocab_size: int | None
                 overrides["train.micro_batch_size"] = str(micro)
             if not overrides or not _allowed(config, overrides, hardware):
                 continue
-            trial = _with_overrides(config, overrides)
+            trial = with_overrides(config, [f"{key}={value}" for key, value in overrides.items()])
             try:
                 plan = plan_run(trial, hardware, vocab_size, search_fixes=False)
             except ConfigError:
@@ -413,14 +412,6 @@ def _allowed(config: Config, overrides: dict[str, str], hardware: Hardware) -> b
     if overrides.get("train.parallel") == "fsdp" and (hardware.gpus == 1 or config.optim.name == "muon"):
         return False
     return overrides.get("train.activation_checkpointing", "") != config.train.activation_checkpointing
-
-
-def _with_overrides(config: Config, overrides: dict[str, str]) -> Config:
-    train = dataclasses.replace(config.train)
-    for key, value in overrides.items():
-        name = key.split(".", 1)[1]
-        setattr(train, name, type(getattr(train, name))(value))
-    return dataclasses.replace(config, train=train)
 
 
 # -- printing -----------------------------------------------------------------------------------------------------
@@ -441,7 +432,7 @@ def format_plan(plan: Plan, config_name: str) -> str:
         ("memory savers", f"activation checkpointing {train.activation_checkpointing}; loss "
                           + (f"in chunks of {train.loss_chunk_tokens} tokens" if train.loss_chunk_tokens
                              else "over the whole micro batch")),
-        ("tokens per step", f"{plan.tokens_per_step:,} = {train.micro_batch_size} sequences x {plan.seq_len} tokens x "
+        ("tokens per step", f"{train.batch_tokens:,} = {train.micro_batch_size} sequences x {plan.seq_len} tokens x "
                             f"{hw.gpus} ranks x {plan.accumulation} accumulation steps"),
     ]
     lines += _aligned(rows)
@@ -454,14 +445,14 @@ def format_plan(plan: Plan, config_name: str) -> str:
         lines.append(f"  fits with: {overrides} ({_gib(total)})")
     if not plan.fits and not plan.fixes:
         lines.append("  nothing tried fits: more GPUs with train.parallel=fsdp, or a smaller model")
-    total_tokens = train.max_steps * plan.tokens_per_step
+    total_tokens = train.max_steps * train.batch_tokens
     checkpoint_disk = plan.checkpoint_bytes * plan.checkpoints_on_disk
     gpu_hours = plan.total_seconds * hw.gpus / 3600
     lines += ["", "time and disk"]
     lines += _aligned([
         ("  FLOPs per token", f"{plan.flops_per_token / 1e9:.2f} GFLOP (forward + backward)"),
         ("  step", f"{plan.step_seconds:.2f} s at MFU {hw.mfu:g} "
-                   f"({plan.tokens_per_step / plan.step_seconds:,.0f} tokens/s)"),
+                   f"({train.batch_tokens / plan.step_seconds:,.0f} tokens/s)"),
         ("  run", f"{train.max_steps:,} steps, {total_tokens / 1e9:.2f}B tokens: {_duration(plan.total_seconds)} "
                   f"({gpu_hours:,.0f} GPU-hours)"),
         ("  token shards", f"{plan.shard_bytes / 1e9:.1f} GB for the tokens the run reads"),

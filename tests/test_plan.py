@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -171,3 +172,19 @@ def test_estimate_is_within_a_quarter_of_a_real_steps_peak_rss(tmp_path):
                     "--allocators", "live", "--json", str(out)], check=True, capture_output=True)
     row, = json.loads(out.read_text())
     assert 0.75 <= row["ratio_live"] <= 1.25
+
+
+def test_cli_takes_the_vocab_of_the_prepared_tokenizer(corpus_dir, prepared_dir, tmp_path, capsys):
+    """model.vocab_size: null is the prepared tokenizer's size, padded, as training will make it."""
+    from llamalite.config import save_config
+    from llamalite.tokenizer import Tokenizer
+    from tests.conftest import small_config
+
+    config = small_config(corpus_dir, prepared_dir, tmp_path / "run", batch_tokens=64, micro_batch_size=4)
+    config.tokenizer.vocab_size = 1000  # what a BPE would be trained to: the plan must read the prepared one instead
+    save_config(config, tmp_path / "config.yaml")
+    assert main(["plan", str(tmp_path / "config.yaml")]) == 0
+    padded = Tokenizer.load(prepared_dir / "tokenizer.json").padded_vocab_size(config.tokenizer.pad_vocab_multiple)
+    assert padded != math.ceil(config.tokenizer.vocab_size / config.tokenizer.pad_vocab_multiple) * \
+        config.tokenizer.pad_vocab_multiple  # else the test could not tell the two apart
+    assert f"vocab {padded})" in capsys.readouterr().out
