@@ -1,10 +1,21 @@
-"""HellaSwag scoring speed: llamalite's batched harness next to scoring one example at a time, as the seed code
-(a build-nanogpt fork) does, on the same model, examples and threads, in one run.
+"""Benchmark scoring speed: llamalite eval against lm-evaluation-harness's hf backend and against llamalite's
+harness before shared contexts, on the same model, files, examples, dtype and threads, in one run.
 
-    MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184 .venv/bin/python benchmarks/eval_throughput.py
+    MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184 .venv/bin/python benchmarks/eval_throughput.py \
+        [--tasks hellaswag,arc_easy,piqa] [--limit 200] [--rounds 2] [--dtype fp32]
 
-The model is the `tiny` preset with GPT-2's tokenizer (vocabulary padded to 50,304), randomly initialised:
-speed does not depend on the weights. Needs ../shared/data (HellaSwag and GPT-2's tokenizer files).
+- **lm-evaluation-harness** (`hf` backend, HFLM built once per batch size, so model loading is not timed) on the
+  transformers export of the model, with task YAMLs copying its own over the same local files
+  (benchmarks/lm_eval_tasks.py); every batch size of `--lm-eval-batch-sizes` is timed and its best is the baseline.
+- **llamalite, one row per choice**: the harness before shared contexts (`share_contexts=False`).
+- **llamalite**: choices of one example share their context's row (the default).
+
+Each contender runs whole (loading the task files, building and scoring the requests) `--rounds` times, the order
+alternating; the median is kept. The model is the `tiny` preset (the demo's shape), randomly initialised (speed does
+not depend on the weights), with `--tokenizer demo`: a 4,096-id byte-level BPE trained on WikiText-2 (the demo's
+vocabulary size), or `gpt2`: GPT-2's (padded to 50,304), where the output layer over 50k ids, computed at every
+continuation token by every contender, dominates the time. The accuracies must be identical (printed, checked).
+Needs ../shared/data and `pip install '.[dev]'` (lm-eval, transformers).
 """
 
 from __future__ import annotations
@@ -12,96 +23,142 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import statistics
+import tempfile
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from llamalite.config import EvalConfig
-from llamalite.eval.harness import score_requests
+from llamalite.checkpoint.format import save_checkpoint
+from llamalite.config import Config, DataConfig, EvalConfig
 from llamalite.eval.suite import BenchmarkSuite
-from llamalite.eval.tasks import Example
+from llamalite.export.hf import export_checkpoint
 from llamalite.model.llama import Llama
 from llamalite.model.presets import get_preset
 from llamalite.runtime import autocast_context
 from llamalite.tokenizer import Tokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+GPT2 = SHARED / "tokenizers" / "gpt2"
+CPU = torch.device("cpu")
 
 
-@torch.inference_mode()
-def seed_code_predictions(model: Llama, tokenizer: Tokenizer, examples: list[Example]) -> list[int]:
-    """build-nanogpt's HellaSwag loop: one forward per example (its choices padded together), the cross-entropy
-    over every position, then the mean loss of each ending's tokens; the lowest wins (its acc_norm)."""
-    predictions = []
-    for example in examples:
-        context = tokenizer.encode(example.contexts[0])
-        endings = [tokenizer.encode(c) for c in example.continuations]
-        width = max(len(context) + len(e) for e in endings)
-        tokens = torch.zeros(len(endings), width, dtype=torch.long)
-        mask = torch.zeros(len(endings), width, dtype=torch.long)
-        for i, ending in enumerate(endings):
-            row = context + ending
-            tokens[i, :len(row)] = torch.tensor(row)
-            mask[i, len(context):len(row)] = 1
-        logits = model(tokens)
-        shift_logits, shift_tokens = logits[:, :-1].contiguous(), tokens[:, 1:].contiguous()
-        losses = F.cross_entropy(shift_logits.flatten(0, 1).float(), shift_tokens.flatten(), reduction="none")
-        losses = losses.view(tokens.size(0), -1)
-        shift_mask = mask[:, 1:]
-        average = (losses * shift_mask).sum(1) / shift_mask.sum(1)
-        predictions.append(int(average.argmin()))
-    return predictions
+def benchmark_tokenizer(name: str) -> Tokenizer:
+    if name == "gpt2":
+        return Tokenizer.load(GPT2)
+    text = (SHARED / "corpus" / "wikitext2_valid.txt").read_text(encoding="utf-8")
+    return Tokenizer.train(text.split("\n \n"), vocab_size=4096)
+
+
+def exported_model(folder: Path, tokenizer: Tokenizer) -> tuple[Llama, Path]:
+    """The tiny preset over the tokenizer's vocabulary, random weights, and its transformers export."""
+    torch.manual_seed(0)
+    model = Llama(dataclasses.replace(get_preset("tiny"), vocab_size=tokenizer.padded_vocab_size(64))).eval()
+    data_dir = folder / "data"
+    data_dir.mkdir()
+    tokenizer.save(data_dir / "tokenizer.json")
+    config = Config(name="eval-throughput", model=model.config, data=DataConfig(out_dir=str(data_dir)))
+    state = {"step": 1, "tokens_seen": 0, "tokenizer_fingerprint": tokenizer.fingerprint, "config": config.to_dict()}
+    checkpoint = save_checkpoint(folder / "run" / "checkpoints", 1, model, None, state)
+    return model, export_checkpoint(checkpoint, folder / "hf")
+
+
+def llamalite_scores(model: Llama, tokenizer_file: Path, tasks: list[str], limit: int, batch_size: int, dtype: str,
+                     share_contexts: bool) -> dict[str, dict[str, float]]:
+    suite = BenchmarkSuite(EvalConfig(tasks=tasks, data_dir=str(SHARED / "eval"), limit=limit,
+                                      batch_size=batch_size), Tokenizer.load(tokenizer_file))
+    results = suite.run(model, model.config.max_seq_len, CPU, autocast_context(CPU, dtype),
+                        share_contexts=share_contexts)
+    return {task: {k: v for k, v in r.metrics.items() if k in ("acc", "acc_norm")} for task, r in results.items()}
+
+
+def lm_eval_scores(lm, task_dir: Path, tasks: list[str], limit: int) -> dict[str, dict[str, float]]:
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(task_dir), include_defaults=False)
+    output = simple_evaluate(model=lm, tasks=[f"local_{t}" for t in tasks], limit=limit, task_manager=manager,
+                             verbosity="ERROR")
+    return {task: {k.split(",")[0]: v for k, v in output["results"][f"local_{task}"].items()
+                   if k in ("acc,none", "acc_norm,none")} for task in tasks}
+
+
+def timed(run) -> tuple[float, dict[str, dict[str, float]]]:
+    started = time.perf_counter()
+    scores = run()
+    return time.perf_counter() - started, scores
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--examples", type=int, default=300)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--tasks", default="hellaswag,arc_easy,piqa")
+    parser.add_argument("--limit", type=int, default=200, help="examples per task")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=32, help="llamalite's rows per forward")
+    parser.add_argument("--lm-eval-batch-sizes", default="16,32,64")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--tokenizer", choices=["demo", "gpt2"], default="demo")
     args = parser.parse_args()
     if not (SHARED / "eval" / "hellaswag_val.jsonl").exists():
-        raise SystemExit(f"{SHARED} not present: this benchmark needs HellaSwag and GPT-2's tokenizer files")
+        raise SystemExit(f"{SHARED} not present: this benchmark needs the task files and GPT-2's tokenizer files")
+    import lm_eval
+    import lm_eval_tasks
+    from lm_eval.models.huggingface import HFLM
 
-    torch.manual_seed(0)
-    tokenizer = Tokenizer.load(SHARED / "tokenizers" / "gpt2")
-    config = dataclasses.replace(get_preset("tiny"), vocab_size=tokenizer.padded_vocab_size(64))
-    model = Llama(config).eval()
-    suite = BenchmarkSuite(EvalConfig(tasks=["hellaswag"], data_dir=str(SHARED / "eval"), limit=args.examples,
-                                      batch_size=args.batch_size), tokenizer)
-    task = suite.tasks[0]
-    device = torch.device("cpu")
-    autocast = autocast_context(device, args.dtype)
+    tasks = args.tasks.split(",")
+    with tempfile.TemporaryDirectory(prefix="eval_throughput_") as tmp:
+        model, hf_dir = exported_model(Path(tmp), benchmark_tokenizer(args.tokenizer))
+        tokenizer_file = hf_dir / "tokenizer.json"
+        task_dir = Path(tmp) / "tasks"
+        task_dir.mkdir()
+        lm_eval_tasks.write_task_yamls(task_dir, SHARED / "eval", tasks)
+        hf_dtype = {"fp32": "float32", "bf16": "bfloat16"}[args.dtype]
+        lms = {size: HFLM(pretrained=str(hf_dir), dtype=hf_dtype, device="cpu", batch_size=size)
+               for size in map(int, args.lm_eval_batch_sizes.split(","))}
+        contenders = {f"lm-evaluation-harness hf, batch {size}": (lambda lm=lm: lm_eval_scores(lm, task_dir, tasks,
+                                                                                                 args.limit))
+                      for size, lm in lms.items()}
+        contenders["llamalite, one row per choice"] = lambda: llamalite_scores(
+            model, tokenizer_file, tasks, args.limit, args.batch_size, args.dtype, share_contexts=False)
+        contenders["llamalite, choices share the context"] = lambda: llamalite_scores(
+            model, tokenizer_file, tasks, args.limit, args.batch_size, args.dtype, share_contexts=True)
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, dtype {args.dtype}, "
-          f"MALLOC_MMAP_MAX_={os.environ.get('MALLOC_MMAP_MAX_', 'unset')}, "
-          f"MALLOC_TRIM_THRESHOLD_={os.environ.get('MALLOC_TRIM_THRESHOLD_', 'unset')}")
-    print(f"model: tiny preset with GPT-2's vocabulary ({model.num_parameters():,} parameters); "
-          f"HellaSwag: the first {len(task.examples)} validation examples, {len(task.requests)} scored rows\n")
-    score_requests(model, task.requests[:64], config.max_seq_len, args.batch_size, device, autocast)  # warm-up
+        print(f"torch {torch.__version__}, lm_eval {lm_eval.__version__}, {torch.get_num_threads()} threads, dtype "
+              f"{args.dtype}, MALLOC_MMAP_MAX_={os.environ.get('MALLOC_MMAP_MAX_', 'unset')}, "
+              f"MALLOC_TRIM_THRESHOLD_={os.environ.get('MALLOC_TRIM_THRESHOLD_', 'unset')}, load average "
+              f"{os.getloadavg()[0]:.2f} at start")
+        print(f"model: tiny preset, {args.tokenizer} tokenizer (vocabulary {model.config.vocab_size:,}; "
+              f"{model.num_parameters():,} parameters); tasks {tasks}, the first {args.limit} examples of each\n")
+        for run in contenders.values():  # warm-up: datasets cached, kernels loaded
+            run()
+        seconds: dict[str, list[float]] = {name: [] for name in contenders}
+        scores: dict[str, dict] = {}
+        for round_index in range(args.rounds):
+            names = list(contenders) if round_index % 2 == 0 else list(reversed(contenders))
+            for name in names:
+                elapsed, scores[name] = timed(contenders[name])
+                seconds[name].append(elapsed)
 
-    started = time.perf_counter()
-    with autocast:
-        seed_predictions = seed_code_predictions(model, tokenizer, task.examples)
-    seed_seconds = time.perf_counter() - started
-
-    started = time.perf_counter()
-    results = suite.run(model, config.max_seq_len, device, autocast)
-    ours_seconds = time.perf_counter() - started
-
-    n = len(task.examples)
-    seed_rate, ours_rate = n / seed_seconds, n / ours_seconds
-    rows = [("one example per forward (seed code)", seed_rate),
-            (f"llamalite batched ({args.batch_size} rows)", ours_rate)]
-    print(f"| {'scoring':<36} | {'examples/s':>10} | {'vs seed code':>12} |")
-    print(f"|{'-' * 38}|{'-' * 11}:|{'-' * 13}:|")
-    for name, rate in rows:
-        print(f"| {name:<36} | {rate:>10.1f} | {rate / seed_rate:>11.2f}x |")
-    seed_acc_norm = sum(p == e.gold for p, e in zip(seed_predictions, task.examples)) / n
-    print(f"\nacc_norm: llamalite {results['hellaswag'].metrics['acc_norm']:.4f} "
-          "(per character, lm-evaluation-harness); "
-          f"seed code {seed_acc_norm:.4f} (per token)")
+    examples = args.limit * len(tasks)
+    median = {name: statistics.median(values) for name, values in seconds.items()}
+    lm_eval_best = min((n for n in median if n.startswith("lm-evaluation")), key=median.get)
+    before = "llamalite, one row per choice"
+    print(f"| contender | median s | examples/s | vs lm-eval (batch {lm_eval_best.split()[-1]}) "
+          "| vs one row per choice |")
+    print("|---|---:|---:|---:|---:|")
+    for name in contenders:
+        print(f"| {name} | {median[name]:.2f} | {examples / median[name]:.1f} "
+              f"| {median[lm_eval_best] / median[name]:.2f}x | {median[before] / median[name]:.2f}x |")
+    print()
+    reference = scores[lm_eval_best]
+    for name, values in scores.items():
+        print(f"{name}: " + ", ".join(f"{t} " + " ".join(f"{m}={v:.4f}" for m, v in sorted(values[t].items()))
+                                      for t in tasks))
+    identical = all(values == reference for values in scores.values())
+    print(f"\nidentical acc / acc_norm everywhere: {'yes' if identical else 'NO'}")
+    if not identical:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

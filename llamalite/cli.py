@@ -1,4 +1,7 @@
-"""The `llamalite` command: one subcommand per stage, each a thin call into its module."""
+"""The `llamalite` command: one subcommand per stage, each a thin call into its module.
+
+Each command imports its module when it runs: `prepare`, `report` and `--help` never load torch (~2 s).
+"""
 
 from __future__ import annotations
 
@@ -10,25 +13,12 @@ import signal
 import sys
 from pathlib import Path
 
-from llamalite.chat import run_chat, run_generate
-from llamalite.checkpoint.inference import load_for_inference
-from llamalite.checkpoint.sharded import consolidate
 from llamalite.config import Config, load_config
-from llamalite.data.prepare import prepare
-from llamalite.demo import run_demo
 from llamalite.errors import ConfigError, LlamaliteError
 from llamalite.eval.tasks import TASKS
-from llamalite.evaluate import SweepOptions, dynamics_table, evaluate_checkpoints, read_evals_for, write_results_json
-from llamalite.export.hf import export_checkpoint, import_hf
-from llamalite.generate import SamplingOptions
+from llamalite.logs import setup_logging
 from llamalite.model.presets import count_parameters, get_preset, matmul_parameters, training_flops_per_token
-from llamalite.plan import GPUS, format_plan, gpu_hardware, plan_run
-from llamalite.report import build_report
-from llamalite.runtime import is_main_process, setup_logging, shutdown_distributed
-from llamalite.sft import merge, run_sft
 from llamalite.tokenizer import Tokenizer
-from llamalite.train.optim import build_optimizer
-from llamalite.train.trainer import Trainer
 
 # A run stopped by SIGTERM/SIGINT after saving a checkpoint: not finished, so not 0 (Slurm would record the job as
 # done); EX_TEMPFAIL, "try again", which a batch script turns into `scontrol requeue` (docs/scaling.md).
@@ -60,6 +50,8 @@ def cmd_model_info(args: argparse.Namespace) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
+    from llamalite.plan import format_plan, gpu_hardware, plan_run
+
     config = load_config(args.config, args.overrides)
     hardware = gpu_hardware(args.gpu, args.gpus, args.gpu_memory, args.gpu_flops, args.mfu)
     print(format_plan(plan_run(config, hardware, prepared_vocab_size(config)), args.config))
@@ -75,10 +67,15 @@ def prepared_vocab_size(config: Config) -> int | None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
+    from llamalite.data.prepare import prepare
+
     prepare(load_config(args.config, args.overrides))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from llamalite.runtime import is_main_process, shutdown_distributed
+    from llamalite.train.trainer import Trainer
+
     try:
         result = Trainer(load_config(args.config, args.overrides)).fit()
         is_main = is_main_process()
@@ -93,6 +90,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_consolidate(args: argparse.Namespace) -> None:
+    from llamalite.checkpoint.sharded import consolidate
+    from llamalite.train.optim import build_optimizer
+
     def cpu_optimizer(model, config):
         return build_optimizer(model, config.optim, "cpu")
 
@@ -101,11 +101,15 @@ def cmd_consolidate(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from llamalite.demo import run_demo
+
     stopped_by = run_demo(args.config, args.overrides, args.sft_override, args.alpaca).stopped_by
     return 128 + signal.Signals[stopped_by] if stopped_by else 0
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    from llamalite.export.hf import export_checkpoint
+
     out = export_checkpoint(Path(args.checkpoint), Path(args.out_dir), dtype=args.dtype, trim_vocab=args.trim_vocab,
                             shard_size=args.shard_size, tokenizer_path=Path(args.tokenizer) if args.tokenizer else None,
                             force=args.force)
@@ -113,6 +117,8 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_import(args: argparse.Namespace) -> None:
+    from llamalite.export.hf import import_hf
+
     out = import_hf(Path(args.hf_dir), Path(args.out_dir), force=args.force)
     has_tokenizer = (out / "tokenizer.json").exists()
     print(f"imported {args.hf_dir} -> checkpoint {out} "
@@ -120,11 +126,21 @@ def cmd_import(args: argparse.Namespace) -> None:
 
 
 def sampling_options(args: argparse.Namespace):
+    from llamalite.generate import SamplingOptions
+
     return SamplingOptions(max_new_tokens=args.max_new_tokens, temperature=0.0 if args.greedy else args.temperature,
                            top_k=args.top_k, top_p=args.top_p, stop=tuple(args.stop or ()))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    from llamalite.evaluate import (
+        SweepOptions,
+        dynamics_table,
+        evaluate_checkpoints,
+        read_evals_for,
+        write_results_json,
+    )
+
     check_eval_arguments(args)
     task_files = dict(_key_value(item, "--task-file") for item in args.task_file)
     options = SweepOptions(tasks=_task_list(args.tasks), limit=args.limit, all_checkpoints=args.all_checkpoints,
@@ -167,6 +183,9 @@ def set_threads(threads: int | None) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    from llamalite.chat import run_generate
+    from llamalite.checkpoint.inference import load_for_inference
+
     set_threads(args.threads)
     options = sampling_options(args)  # checked before the checkpoint is loaded
     options.validate()
@@ -175,6 +194,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
+    from llamalite.chat import run_chat
+    from llamalite.checkpoint.inference import load_for_inference
+
     set_threads(args.threads)
     options = sampling_options(args)
     options.validate()
@@ -183,10 +205,14 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
+    from llamalite.report import build_report
+
     print(f"report: {build_report([Path(p) for p in args.run_dirs], Path(args.out) if args.out else None)}")
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
+    from llamalite.sft import run_sft
+
     result = run_sft(load_config(args.config, args.overrides))
     stopped = f"; stopped by {result.stopped_by}, run the same command to resume" if result.stopped_by else ""
     print(f"run directory: {result.run_dir}  ({result.steps} steps{stopped}); "
@@ -195,6 +221,8 @@ def cmd_sft(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
+    from llamalite.sft import merge
+
     out = merge(Path(args.checkpoint), Path(args.out_dir), Path(args.adapter_out) if args.adapter_out else None,
                 force=args.force, adapter_base=args.adapter_base)
     adapter = f"; adapter in PEFT format in {args.adapter_out}" if args.adapter_out else ""
@@ -233,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config (see configs/)")
     p.add_argument("overrides", nargs="*", help=overrides_help)
     p.add_argument("--gpus", type=int, default=1, help="GPUs (ranks) the run will use (default: 1)")
-    p.add_argument("--gpu", default="h100", help=f"GPU model: {', '.join(GPUS)} (default: h100, 80 GB SXM)")
+    p.add_argument("--gpu", default="h100", help="GPU model, e.g. h100 (the default: 80 GB SXM), h200, a100-80gb, "
+                   "a100-40gb, a6000, l40s, 4090 (an unknown name lists them all)")
     p.add_argument("--gpu-memory", default=None, help="memory per GPU, e.g. 80GB (GB as GPU makers use it: 2^30 "
                    "bytes); default: the --gpu's")
     p.add_argument("--gpu-flops", type=float, default=None, help="dense bf16 peak FLOP/s per GPU, e.g. 989e12; "

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from llamalite.errors import ConfigError, did_you_mean
-from llamalite.model.llama import ModelConfig
+from llamalite.model.config import ModelConfig
 from llamalite.model.presets import get_preset
 
 
@@ -28,6 +28,10 @@ class TokenizerConfig:
     path: str | None = None
     vocab_size: int = 4096  # size of the BPE trained when path is None
     eos_token: str = "<|endoftext|>"  # the document separator (GPT-2's id 50256)
+    # the beginning-of-sequence token (an imported model's, e.g. "<s>"); None: the token the tokenizer puts before
+    # every text where its tokenizer.json says so (add_bos_token), else eos_token. Whether a BOS is put before texts
+    # is always the tokenizer's own rule (docs/export.md)
+    bos_token: str | None = None
     pad_vocab_multiple: int = 64  # the model's vocab is the tokenizer's size rounded up to this
 
 

@@ -333,8 +333,9 @@ def _advance_row(
 
 # ------------------------------------------------------------------------------------------------- text API
 def encode_prompts(tokenizer: Tokenizer, prompts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each prompt; an empty prompt starts from the end-of-text token (a document boundary)."""
-    return [tokenizer.encode(p) or [tokenizer.eos_id] for p in prompts]
+    """Token ids of each prompt, as the start of a sequence (the tokenizer's BOS rule); an empty prompt starts from
+    the BOS id (the end-of-text token for GPT-2-style tokenizers: a document boundary)."""
+    return [tokenizer.encode_sequence(p) for p in prompts]
 
 
 def iter_generate(

@@ -1,15 +1,14 @@
-"""Where and how code runs: the device, autocast, seeded generators, the process group, and logging.
+"""Where and how code runs: the device, autocast, seeded generators and the process group.
 
 Library code logs through `logging.getLogger(__name__)` (under the `llamalite` logger); the console script calls
-`setup_logging()` once, which shows INFO lines on stdout and warnings on stderr, from rank 0 only under torchrun.
+`llamalite.logs.setup_logging()` once, which shows INFO lines on stdout and warnings on stderr, from rank 0 only
+under torchrun.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
-import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -18,9 +17,9 @@ import torch
 import torch.distributed as dist
 
 from llamalite.errors import ConfigError, DistributedError
+from llamalite.logs import is_rank_zero
 
 DTYPES = ("auto", "bf16", "fp32")
-LOGGER_NAME = "llamalite"
 
 
 # ------------------------------------------------------------------------------------------------- device
@@ -115,9 +114,7 @@ def shutdown_distributed() -> None:
 
 def is_main_process() -> bool:
     """Rank 0 of the process group, or of torchrun's environment before the group exists; True on one process."""
-    if dist.is_initialized():
-        return dist.get_rank() == 0
-    return os.environ.get("RANK", "0") == "0"
+    return is_rank_zero()
 
 
 def barrier() -> None:
@@ -141,41 +138,3 @@ def broadcast_from_main(obj: Any) -> Any:
     holder = [obj]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
-
-
-# ------------------------------------------------------------------------------------------------- logging
-class MainProcessFilter(logging.Filter):
-    """Keeps the records of rank 0; other ranks compute the same things and would repeat every line."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return is_main_process()
-
-
-class _ConsoleHandler(logging.Handler):
-    """Writes each message through tqdm.write, so that a live progress bar is redrawn below it rather than torn.
-
-    The stream is looked up at each record (sys.stdout below WARNING, sys.stderr from it), so redirections made
-    after set-up (pytest's capture, contextlib.redirect_stdout) are honoured."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        from tqdm import tqdm
-
-        try:
-            stream = sys.stderr if record.levelno >= logging.WARNING else sys.stdout
-            tqdm.write(self.format(record), file=stream)
-            stream.flush()
-        except Exception:  # logging must never take the program down
-            self.handleError(record)
-
-
-def setup_logging(level: int = logging.INFO) -> None:
-    """Show llamalite's log lines on the console (called once by the console script; idempotent)."""
-    logger = logging.getLogger(LOGGER_NAME)
-    for handler in list(logger.handlers):
-        if isinstance(handler, _ConsoleHandler):
-            logger.removeHandler(handler)
-    handler = _ConsoleHandler()
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    handler.addFilter(MainProcessFilter())
-    logger.addHandler(handler)
-    logger.setLevel(level)

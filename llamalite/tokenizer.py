@@ -5,25 +5,35 @@ when no such path exists, a Hugging Face Hub repo id such as `gpt2` or `openai-c
 `@revision`), fetched through huggingface_hub's cache (HF_HOME / HF_HUB_CACHE, HF_HUB_OFFLINE are honoured).
 
 `Tokenizer` wraps a `tokenizers.Tokenizer` and adds what the rest of llamalite needs: the
-end-of-text id that separates documents, a fingerprint that pins the exact vocabulary, and the
+end-of-text id that separates documents, the BOS rule, a fingerprint that pins the exact vocabulary, and the
 model's (padded) vocabulary size.
+
+The BOS rule is the tokenizer's own: a tokenizer.json whose post-processor puts a token before every text it encodes
+(Llama 2 and 3, TinyLlama, Mistral: `add_bos_token: true`) gives `start_ids`, and everything that feeds the model a
+text from its start (evaluation contexts, prompts, chat and fine-tuning conversations, prepared documents) begins
+with them, as transformers and lm-evaluation-harness do. GPT-2-style tokenizers, and those llamalite trains, add
+nothing.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
+import logging
 import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from llamalite.errors import DataError
 from llamalite.files import atomic_write_text, sha256_file
+from llamalite.tiktoken_bpe import TiktokenBPE, tiktoken_bpe
 
 if TYPE_CHECKING:  # config imports the model (torch); tokenizer worker processes must stay light
     from llamalite.config import TokenizerConfig
@@ -35,39 +45,59 @@ HUB_GPT2_FILES = ("vocab.json", "merges.txt")  # the fallback for repos without 
 # A Hub repo id ("gpt2", "openai-community/gpt2"), optionally pinned: "gpt2@<branch, tag or commit>".
 _HUB_ID = re.compile(r"^(?P<repo>(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[\w./-]+))?$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
+_PROBE_TEXT = "a"  # encoded with and without special tokens to find what the post-processor adds
+
+logger = logging.getLogger(__name__)
 
 
 class Tokenizer:
-    """A byte-level BPE tokenizer with a designated end-of-text (document separator) token."""
+    """A byte-level BPE tokenizer with a designated end-of-text (document separator) token and a BOS rule.
 
-    def __init__(self, inner: HFTokenizer, eos_token: str = DEFAULT_EOS, source: str = "tokenizer") -> None:
+    `bos_token` names the beginning-of-sequence token a model was trained with where the tokenizer does not put it
+    before texts itself (an import's tokenizer_config.json); None: the post-processor's token, else end-of-text."""
+
+    def __init__(self, inner: HFTokenizer, eos_token: str = DEFAULT_EOS, source: str = "tokenizer",
+                 bos_token: str | None = None) -> None:
         eos_id = inner.token_to_id(eos_token)
         if eos_id is None:
             raise DataError(
                 f"end-of-text token {eos_token!r} is not in the vocabulary of {source}: "
                 f"set tokenizer.eos_token to one of its special tokens ({_special_tokens_hint(inner)})"
             )
+        declared_bos_id = inner.token_to_id(bos_token) if bos_token else eos_id
+        if declared_bos_id is None:
+            raise DataError(
+                f"beginning-of-sequence token {bos_token!r} is not in the vocabulary of {source}: "
+                f"set tokenizer.bos_token to one of its special tokens ({_special_tokens_hint(inner)}), or to null"
+            )
+        self._start_ids, self._end_ids = _ids_added_around_text(inner)
+        self._declared_bos = bos_token
         # Text is text: a document that happens to contain "<|endoftext|>" must not gain a fake
         # separator (tiktoken's encode_ordinary behaves the same way). Not stored in the JSON.
         inner.encode_special_tokens = True
         self._inner = inner
         self._eos_token = eos_token
         self._eos_id = eos_id
+        self._bos_id = self._start_ids[0] if self._start_ids else declared_bos_id
 
     # -- construction ------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, path: str | Path, eos_token: str = DEFAULT_EOS) -> Tokenizer:
+    def load(cls, path: str | Path, eos_token: str = DEFAULT_EOS, bos_token: str | None = None) -> Tokenizer:
         """Load tokenizer.json, a folder holding one, or a folder with GPT-2's vocab.json + merges.txt."""
         path = Path(path)
+        if path.is_dir() and (path / "tokenizer.json").is_file():
+            path = path / "tokenizer.json"
         if path.is_file():
-            return cls(_read_tokenizer_json(path), eos_token, source=str(path))
+            tokenizer = cls(_read_tokenizer_json(path), eos_token, source=str(path), bos_token=bos_token)
+            if tokenizer._end_ids:
+                logger.warning(f"{path} appends {list(tokenizer._end_ids)} to every text it encodes "
+                               "(add_eos_token): llamalite honours only the tokens it puts before a text")
+            return tokenizer
         if path.is_dir():
-            if (path / "tokenizer.json").is_file():
-                return cls(_read_tokenizer_json(path / "tokenizer.json"), eos_token,
-                           source=str(path / "tokenizer.json"))
             if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
-                return cls(_gpt2_style_from_files(path, eos_token), eos_token, source=str(path / "vocab.json"))
+                return cls(_gpt2_style_from_files(path, eos_token), eos_token, source=str(path / "vocab.json"),
+                           bos_token=bos_token)
             raise DataError(
                 f"{path} holds neither tokenizer.json nor vocab.json + merges.txt: "
                 "point tokenizer.path at a tokenizer.json file or such a folder"
@@ -96,10 +126,19 @@ class Tokenizer:
         return cls(inner, eos_token, source="the trained tokenizer")
 
     @classmethod
-    def from_json_str(cls, text: str, eos_token: str = DEFAULT_EOS) -> Tokenizer:
-        return cls(HFTokenizer.from_str(text), eos_token)
+    def from_json_str(cls, text: str, eos_token: str = DEFAULT_EOS, bos_token: str | None = None) -> Tokenizer:
+        return cls(HFTokenizer.from_str(text), eos_token, bos_token=bos_token)
 
     def to_json_str(self) -> str:
+        return self._json
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled (to a spawned worker) as its JSON: the wrapped tokenizer's own pickle would drop the
+        # encode_special_tokens flag set in __init__.
+        return Tokenizer.from_json_str, (self._json, self._eos_token, self._declared_bos)
+
+    @functools.cached_property
+    def _json(self) -> str:  # the wrapped tokenizer is never changed after __init__
         return self._inner.to_str()
 
     def save(self, path: str | Path) -> None:
@@ -109,11 +148,33 @@ class Tokenizer:
     # -- use ---------------------------------------------------------------------------------
 
     def encode(self, text: str) -> list[int]:
+        """The ids of `text` alone: for a piece that continues a sequence (a continuation, a chat segment)."""
         return self._inner.encode(text, add_special_tokens=False).ids
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    def encode_sequence(self, text: str) -> list[int]:
+        """The ids of `text` as the start of what the model reads: `start_ids` first (the BOS rule); an empty text
+        without start ids is the BOS id alone, so a model always has a token to predict from."""
+        return [*self._start_ids, *self.encode(text)] or [self._bos_id]
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        """encode() of each text as a uint32 array; through tiktoken where it gives the same ids (GPT-2-style
+        byte-level BPE), else through tokenizers."""
+        if self._tiktoken is not None:
+            return self._tiktoken.encode_batch(texts)
         encodings = self._inner.encode_batch_fast(texts, add_special_tokens=False)
-        return [encoding.ids for encoding in encodings]
+        return [np.asarray(encoding.ids, dtype=np.uint32) for encoding in encodings]
+
+    @functools.cached_property
+    def _tiktoken(self) -> TiktokenBPE | None:
+        return tiktoken_bpe(json.loads(self._json), check=self.encode)
+
+    @property
+    def batch_encoder(self) -> str:
+        """The library behind encode_batch, with its version (for manifests)."""
+        from importlib.metadata import version
+
+        name = "tiktoken" if self._tiktoken is not None else "tokenizers"
+        return f"{name} {version(name)}"
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._inner.decode(list(ids), skip_special_tokens=False)
@@ -122,7 +183,7 @@ class Tokenizer:
         """UTF-8 bytes each id stands for (0 for special tokens): the denominator of bits per byte."""
         special = {token.content for token in self._inner.get_added_tokens_decoder().values() if token.special}
         vocab = self._inner.get_vocab(with_added_tokens=True)
-        byte_level = json.loads(self._inner.to_str()).get("decoder", {}) or {}
+        byte_level = json.loads(self._json).get("decoder", {}) or {}
         lengths = [0] * self.size
         for token, index in vocab.items():
             if token in special or index >= len(lengths):
@@ -141,6 +202,28 @@ class Tokenizer:
         return self._eos_id
 
     @property
+    def start_ids(self) -> tuple[int, ...]:
+        """What the tokenizer puts before every text (its BOS where `add_bos_token` is true; usually nothing)."""
+        return self._start_ids
+
+    @property
+    def prepends_bos(self) -> bool:
+        return bool(self._start_ids)
+
+    @property
+    def bos_id(self) -> int:
+        """The beginning-of-sequence id: the one put before texts, else the declared BOS, else end-of-text."""
+        return self._bos_id
+
+    @property
+    def bos_token(self) -> str:
+        return self._inner.id_to_token(self._bos_id)
+
+    def bos_record(self) -> dict[str, object]:
+        """The BOS rule as checkpoints record it (trainer_state.json `bos`), for people and tools reading them."""
+        return {"token": self.bos_token, "id": self._bos_id, "prepended": self.prepends_bos}
+
+    @property
     def eos_token(self) -> str:
         return self._eos_token
 
@@ -149,11 +232,10 @@ class Tokenizer:
         """Number of ids the tokenizer can produce, added tokens included."""
         return self._inner.get_vocab_size(with_added_tokens=True)
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
         """sha256 of the canonical JSON: equal fingerprints mean identical tokenization."""
-        canonical = json.dumps(json.loads(self._inner.to_str()), sort_keys=True, separators=(",", ":"),
-                               ensure_ascii=False)
+        canonical = json.dumps(json.loads(self._json), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
     def padded_vocab_size(self, multiple: int) -> int:
@@ -164,6 +246,7 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return (f"Tokenizer(size={self.size}, eos={self._eos_token!r}:{self._eos_id}, "
+                f"bos={self.bos_token!r}:{self._bos_id}{' prepended' if self.prepends_bos else ''}, "
                 f"fingerprint={self.fingerprint[:12]})")
 
 
@@ -173,7 +256,7 @@ def build_tokenizer(
     """Load `cfg.path` (a local path or a Hub repo id; `source` when already resolved), otherwise train a BPE of
     `cfg.vocab_size` on `texts_factory()`."""
     if cfg.path:
-        return Tokenizer.load((source or resolve_tokenizer_path(cfg.path)).path, cfg.eos_token)
+        return Tokenizer.load((source or resolve_tokenizer_path(cfg.path)).path, cfg.eos_token, cfg.bos_token)
     return Tokenizer.train(texts_factory(), cfg.vocab_size, cfg.eos_token)
 
 
@@ -306,6 +389,16 @@ def _gpt2_style_from_files(folder: Path, eos_token: str) -> HFTokenizer:
     # As a special token it is matched whole instead of being split by BPE; its id is the vocab's (50256 in GPT-2).
     inner.add_special_tokens([eos_token])
     return inner
+
+
+def _ids_added_around_text(inner: HFTokenizer) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(ids before, ids after) a text that the tokenizer's post-processor adds when special tokens are asked for."""
+    plain = inner.encode(_PROBE_TEXT, add_special_tokens=False).ids
+    full = inner.encode(_PROBE_TEXT, add_special_tokens=True).ids
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return tuple(full[:start]), tuple(full[start + len(plain):])
+    return (), ()
 
 
 def _special_tokens_hint(inner: HFTokenizer) -> str:

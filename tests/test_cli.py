@@ -102,3 +102,18 @@ def test_demo_stops_at_the_first_signal_and_says_how_to_resume(capsys, tmp_path,
             f"`llamalite train {tmp_path / 'run'}/config.yaml train.overwrite=false` resumes this run") in out
     assert "[sft]" not in out and "report:" not in out and not (tmp_path / "run-sft").exists()
     assert (tmp_path / "run" / "checkpoints" / "step_0000002").is_dir()
+
+
+def test_commands_that_build_no_model_never_import_torch(tmp_path):
+    # Loading torch costs ~2 s: `llamalite prepare` ran at a fraction of tiktoken's speed on small corpora for it.
+    (tmp_path / "doc.txt").write_text("the king and the queen speak of love and war. " * 40)
+    config = tmp_path / "config.yaml"
+    config.write_text(f"data:\n  sources: [{{type: text, path: {tmp_path / 'doc.txt'}}}]\n"
+                      f"  out_dir: {tmp_path / 'out'}\n  val_fraction: 0.0\n  num_workers: 1\n"
+                      "tokenizer:\n  vocab_size: 300\n")
+    script = ("import sys\nimport llamalite.cli as cli\ncode = cli.main(sys.argv[1:])\n"
+              "print('torch' in sys.modules)\nsys.exit(code)")
+    for argv in (["model-info", "124m"], ["prepare", str(config)]):
+        result = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip().splitlines()[-1] == "False", argv

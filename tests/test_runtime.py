@@ -7,7 +7,8 @@ import torch
 
 from llamalite import runtime
 from llamalite.errors import ConfigError, LlamaliteError, did_you_mean
-from llamalite.runtime import resolve_dtype, setup_logging
+from llamalite.logs import setup_logging
+from llamalite.runtime import resolve_dtype
 
 
 def test_every_user_error_shares_one_base_and_did_you_mean_finds_the_nearest():

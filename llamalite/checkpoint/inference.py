@@ -85,7 +85,7 @@ def find_tokenizer(checkpoint: Path, state: dict[str, Any], override: Path | Non
     if found is None:
         raise CheckpointError(f"tokenizer not found at {' or '.join(map(str, candidates))}: "
                               "pass --tokenizer PATH with the tokenizer.json the checkpoint was trained with")
-    tokenizer = Tokenizer.load(found, config["tokenizer"]["eos_token"])
+    tokenizer = Tokenizer.load(found, config["tokenizer"]["eos_token"], config["tokenizer"].get("bos_token"))
     expected = state.get("tokenizer_fingerprint")
     if expected and tokenizer.fingerprint != expected:
         raise CheckpointError(f"{found} is not the tokenizer {checkpoint} was trained with (its fingerprint differs): "

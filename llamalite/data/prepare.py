@@ -387,6 +387,8 @@ def _run_record(
             "size": tokenizer.size,
             "eos_id": tokenizer.eos_id,
             "eos_token": tokenizer.eos_token,
+            "start_ids": list(tokenizer.start_ids),  # put before every document, after its eos (a BOS or nothing)
+            "encoder": tokenizer.batch_encoder,  # tiktoken where it gives tokenizers' ids, else tokenizers
             "padded_vocab_size": padded_vocab,
             "origin": origin,
             "input_fingerprint": tokenizer_fingerprint,
@@ -592,6 +594,11 @@ def _split_summary(manifest: dict[str, Any]) -> str:
     )
 
 
+def _start_note(tokenizer: dict[str, Any]) -> str:
+    start = tokenizer.get("start_ids")
+    return f", {start} before every document (the tokenizer's BOS rule)" if start else ""
+
+
 def _log_summary(out_dir: Path, manifest: dict[str, Any]) -> None:
     documents, tokenizer, seconds = manifest["documents"], manifest["tokenizer"], manifest["seconds"]
     dropped = describe_dropped(documents["dropped"])
@@ -614,6 +621,7 @@ def _log_summary(out_dir: Path, manifest: dict[str, Any]) -> None:
     logger.info(
         f"  tokenizer {origin}: {tokenizer['size']:,} ids "
         f"(model vocab {tokenizer['padded_vocab_size']:,}), "
-        f"eos {tokenizer['eos_token']!r}={tokenizer['eos_id']}, {manifest['dtype']}; "
+        f"eos {tokenizer['eos_token']!r}={tokenizer['eos_id']}{_start_note(tokenizer)}, {manifest['dtype']}, "
+        f"encoded with {tokenizer.get('encoder', 'tokenizers')}; "
         f"{seconds['tokenizer']:.1f} s tokenizer, {seconds['tokenize']:.1f} s tokenizing"
     )

@@ -84,9 +84,11 @@ def trained_template(raw_config: dict[str, Any]) -> ChatTemplate | None:
     return template_from_config(config_from_dict(raw_config))
 
 
-def jinja_template(template: ChatTemplate) -> str:
+def jinja_template(template: ChatTemplate, bos: bool = False) -> str:
     """The template as a transformers `chat_template`: apply_chat_template(messages, add_generation_prompt=True)
-    renders exactly the text of conversation_segments, each answer followed by the EOS token (`eos_token`)."""
+    renders exactly the text of conversation_segments, each answer followed by the EOS token (`eos_token`), after
+    the BOS token (`bos_token`) when `bos` (the tokenizer puts one before every text: apply_chat_template adds no
+    special tokens of its own)."""
     def text(value: str) -> str:  # a Jinja string literal
         return repr(value)
 
@@ -94,6 +96,7 @@ def jinja_template(template: ChatTemplate) -> str:
         return f"{{{{ {text(fmt)} | replace({text('{' + field_name + '}')}, {value}) }}}}"
 
     return "".join([
+        "{{ bos_token }}" if bos else "",
         f"{{%- set system = {text(template.system)} -%}}",
         "{%- set turns = messages -%}",
         "{%- if messages and messages[0]['role'] == 'system' -%}",
@@ -184,7 +187,7 @@ def render_chat(messages: list[dict[str, str]], template: ChatTemplate, eos_toke
 
 def encode_prompt(messages: list[dict[str, str]], template: ChatTemplate, tokenizer: Tokenizer) -> list[int]:
     """Token ids of the prompt for the assistant's next turn, tokenized exactly as in training."""
-    ids: list[int] = []
+    ids: list[int] = list(tokenizer.start_ids)
     for text, is_answer in conversation_segments(messages, template, for_generation=True):
         ids += tokenizer.encode(text)
         if is_answer:
@@ -205,8 +208,9 @@ class Example:
 
 
 def encode_conversation(messages: list[dict[str, str]], template: ChatTemplate, tokenizer: Tokenizer) -> Example:
-    """A training example: prompts are not trained on; answers and the EOS id after each are."""
-    example = Example([], [])
+    """A training example: prompts (and the tokenizer's BOS, where it puts one first) are not trained on; answers and
+    the EOS id after each are."""
+    example = Example(list(tokenizer.start_ids), [False] * len(tokenizer.start_ids))
     for text, is_answer in conversation_segments(messages, template):
         tokens = tokenizer.encode(text)
         example.ids += tokens

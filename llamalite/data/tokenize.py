@@ -1,4 +1,5 @@
-"""Tokenization, in worker processes: ([eos] + document) token streams per split, in document order.
+"""Tokenization, in worker processes: ([eos] + [bos] + document) token streams per split, in document order (a
+bos only where the tokenizer puts one before every text).
 
 Workers are forked on Linux and import only this package's light modules (numpy and tokenizers,
 never torch): each holds its own copy of the tokenizer.
@@ -22,22 +23,21 @@ CHUNK_MAX_CHARS = 1 << 20
 
 @dataclasses.dataclass
 class TokenizedChunk:
-    tokens: dict[str, np.ndarray]  # split -> [eos, doc..., eos, doc...]
+    tokens: dict[str, np.ndarray]  # split -> [eos, (bos,) doc..., eos, (bos,) doc...]
     lengths: dict[str, np.ndarray]  # split -> tokens of each document, its eos included
 
 
 def tokenize_documents(
     tokenizer: Tokenizer, texts: list[str], dtype: type[np.unsignedinteger]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """([eos] + tokens of each document, concatenated; the length of each): the eos in front separates documents."""
+    """([eos] + start ids + tokens of each document, concatenated; the length of each): the eos in front separates
+    documents, the start ids (a BOS, where the tokenizer puts one before every text) begin each one."""
     encoded = tokenizer.encode_batch(texts) if texts else []
-    lengths = np.array([1 + len(ids) for ids in encoded], dtype=np.int64)
+    head = np.array([tokenizer.eos_id, *tokenizer.start_ids], dtype=dtype)
+    lengths = np.array([len(head) + len(ids) for ids in encoded], dtype=np.int64)
     out = np.empty(int(lengths.sum()), dtype=dtype)
-    position = 0
-    for ids in encoded:
-        out[position] = tokenizer.eos_id
-        out[position + 1 : position + 1 + len(ids)] = ids
-        position += 1 + len(ids)
+    if encoded:
+        np.concatenate([part for ids in encoded for part in (head, ids)], out=out, casting="unsafe")
     return out, lengths
 
 
@@ -77,7 +77,8 @@ def tokenize_chunks(
         for chunk in chunks:
             yield tokenize_chunk(tokenizer, chunk, dtype)
         return
-    initargs = (tokenizer.to_json_str(), tokenizer.eos_token, np.dtype(dtype).name)
+    _ = tokenizer.batch_encoder  # built here once: forked workers inherit it (spawned ones rebuild it from JSON)
+    initargs = (tokenizer, np.dtype(dtype).name)
     yield from ordered_map(_tokenize_chunk_in_worker, chunks, num_workers, initializer=_init_worker, initargs=initargs)
 
 
@@ -87,9 +88,9 @@ _worker_tokenizer: Tokenizer | None = None
 _worker_dtype: type[np.unsignedinteger] = np.uint32
 
 
-def _init_worker(tokenizer_json: str, eos_token: str, dtype_name: str) -> None:
+def _init_worker(tokenizer: Tokenizer, dtype_name: str) -> None:
     global _worker_tokenizer, _worker_dtype
-    _worker_tokenizer = Tokenizer.from_json_str(tokenizer_json, eos_token)
+    _worker_tokenizer = tokenizer
     _worker_dtype = np.dtype(dtype_name).type
 
 

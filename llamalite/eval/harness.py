@@ -12,6 +12,7 @@ log-likelihood) follow lm-evaluation-harness 0.4 (`HFLM._encode_pair`, `_loglike
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import sys
 from collections.abc import Callable, Sequence
@@ -43,19 +44,21 @@ class TaskResult:
 def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """Token ids of context and continuation, split as lm-evaluation-harness splits them.
 
-    Trailing spaces of the context move to the continuation, the whole string is encoded once, and the
-    continuation is what follows the context's own encoding; an empty context becomes the end-of-text token.
+    Trailing spaces of the context move to the continuation, the whole string is encoded once as the start of a
+    sequence (with the tokenizer's BOS where it adds one, as `add_special_tokens` does there), and the continuation
+    is what follows the context's own encoding; an empty context becomes the BOS token (lm-evaluation-harness's
+    prefix_token_id: the end-of-text token for GPT-2-style tokenizers).
     """
     if context == "":
         continuation_ids = tokenizer.encode(continuation)
-        if continuation_ids and continuation_ids[0] == tokenizer.eos_id:
+        if continuation_ids and continuation_ids[0] == tokenizer.bos_id:
             return continuation_ids[:1], continuation_ids[1:]
-        return [tokenizer.eos_id], continuation_ids
+        return [tokenizer.bos_id], continuation_ids
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
-    whole = tokenizer.encode(context + continuation)
-    context_ids = tokenizer.encode(context)
+    whole = tokenizer.encode_sequence(context + continuation)
+    context_ids = tokenizer.encode_sequence(context)
     return context_ids, whole[len(context_ids):]
 
 
@@ -66,39 +69,114 @@ def example_requests(tokenizer: Tokenizer, examples: Sequence[Example]) -> list[
 
 # ------------------------------------------------------------------------------------------------ scoring
 @dataclass(frozen=True)
-class _Row:
+class _Scored:
+    """One request inside a row: the row positions whose logits predict its continuation, and the continuation."""
+
     index: int
-    inputs: list[int]  # (context + continuation)[-(max_length + 1):][:-1]
-    targets: list[int]  # the continuation's ids, predicted by the last len(targets) positions of inputs
+    outputs: list[int]
+    targets: list[int]
 
 
-def _rows(requests: Sequence[tuple[list[int], list[int]]], max_length: int) -> list[_Row]:
-    rows = []
+@dataclass(frozen=True)
+class _Row:
+    """One sequence of a forward pass: a context and the continuations scored against it.
+
+    A single continuation is lm-evaluation-harness's row, (context + continuation)[-(max_length + 1):][:-1]. Several
+    continuations of one context share it: the context once, then each continuation but its last token, each
+    attending to the context and to itself only, at the positions it would have alone (`segments` says which piece
+    each token belongs to: 0 the context, i the i-th continuation). Every log-likelihood is the one the request would
+    get alone; the context is computed once instead of once per choice."""
+
+    inputs: list[int]
+    scored: list[_Scored]
+    positions: list[int] | None = None  # None: 0, 1, ... (a single continuation)
+    segments: list[int] | None = None  # None: causal over the whole row
+
+    @property
+    def shared(self) -> bool:
+        return self.segments is not None
+
+
+def _check_request(index: int, continuation: list[int], max_length: int) -> None:
+    if not continuation:
+        raise ValueError(f"request {index} has an empty continuation")
+    if len(continuation) > max_length:
+        raise EvalError(f"a continuation of {len(continuation)} tokens exceeds the model's context of {max_length}: "
+                        "evaluate this task with a model of a longer context (model.max_seq_len)")
+
+
+def _single_row(index: int, context: list[int], continuation: list[int], max_length: int) -> _Row:
+    window = (context + continuation)[-(max_length + 1):]  # left truncation, as lm-evaluation-harness does
+    inputs = window[:-1]
+    end = len(inputs)
+    return _Row(inputs, [_Scored(index, list(range(end - len(continuation), end)), continuation)])
+
+
+def _shared_row(context: list[int], requests: list[tuple[int, list[int]]]) -> _Row:
+    inputs, positions, segments = list(context), list(range(len(context))), [0] * len(context)
+    scored = []
+    for segment, (index, continuation) in enumerate(requests, start=1):
+        start = len(inputs)
+        piece = continuation[:-1]  # the last token is only ever predicted
+        inputs += piece
+        positions += range(len(context), len(context) + len(piece))
+        segments += [segment] * len(piece)
+        scored.append(_Scored(index, [len(context) - 1, *range(start, start + len(piece))], continuation))
+    return _Row(inputs, scored, positions, segments)
+
+
+def _rows(requests: Sequence[tuple[list[int], list[int]]], max_length: int, share_contexts: bool = True) -> list[_Row]:
+    """The rows that score `requests`: requests with the same context share one row where it fits the model's
+    context without truncation, else each gets its own."""
+    by_context: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
     for index, (context, continuation) in enumerate(requests):
-        if not continuation:
-            raise ValueError(f"request {index} has an empty continuation")
-        if len(continuation) > max_length:
-            raise EvalError(f"a continuation of {len(continuation)} tokens exceeds the model's context "
-                            f"of {max_length}: "
-                            "evaluate this task with a model of a longer context (model.max_seq_len)")
-        window = (context + continuation)[-(max_length + 1):]  # left truncation, as lm-evaluation-harness does
-        rows.append(_Row(index, window[:-1], continuation))
+        _check_request(index, continuation, max_length)
+        by_context.setdefault(tuple(context), []).append((index, continuation))
+    rows = []
+    for context, group in by_context.items():
+        shared_length = len(context) + sum(len(continuation) - 1 for _, continuation in group)
+        if share_contexts and len(group) > 1 and shared_length <= max_length:
+            rows.append(_shared_row(list(context), group))
+        else:
+            rows += [_single_row(index, list(context), continuation, max_length) for index, continuation in group]
     return rows
 
 
-def _batch_tensors(batch: list[_Row]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded tokens (B, T); per row, the positions whose logits predict the continuation (B, K) and the
-    continuation's ids there (B, K), -1 past its end."""
-    width = max(len(row.targets) for row in batch)
-    tokens = torch.zeros(len(batch), len(batch[0].inputs), dtype=torch.long)
-    positions = torch.zeros(len(batch), width, dtype=torch.long)
-    targets = torch.full((len(batch), width), -1, dtype=torch.long)
+def _attention_mask(row: _Row, width: int) -> torch.Tensor:
+    """(width, width) True where a query may attend a key: earlier tokens of the context and of its own piece;
+    padding attends to itself only."""
+    segments = torch.full((width,), -1, dtype=torch.long)
+    segments[:len(row.inputs)] = torch.tensor(row.segments if row.segments is not None else [0] * len(row.inputs))
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    same_piece = (segments[:, None] == segments[None, :]) | (segments[None, :] == 0)
+    padding = segments < 0
+    return (causal & same_piece & ~padding[:, None]) | torch.diag(padding)
+
+
+def _batch_tensors(batch: list[_Row]) -> dict[str, torch.Tensor | None]:
+    """Right-padded tokens (B, T); per row, the positions whose logits predict a continuation (B, K), the ids there
+    and the request each belongs to (-1 past the row's last); RoPE positions and masks where a row is shared."""
+    width = max(len(row.inputs) for row in batch)
+    count = max(sum(len(s.targets) for s in row.scored) for row in batch)
+    tokens = torch.zeros(len(batch), width, dtype=torch.long)
+    outputs = torch.zeros(len(batch), count, dtype=torch.long)
+    targets = torch.full((len(batch), count), -1, dtype=torch.long)
+    owners = torch.full((len(batch), count), -1, dtype=torch.long)
     for i, row in enumerate(batch):
-        end, count = len(row.inputs), len(row.targets)
-        tokens[i, :end] = torch.tensor(row.inputs)
-        positions[i, :count] = torch.arange(end - count, end)
-        targets[i, :count] = torch.tensor(row.targets)
-    return tokens, positions, targets
+        tokens[i, :len(row.inputs)] = torch.tensor(row.inputs)
+        flat_outputs = [p for s in row.scored for p in s.outputs]
+        outputs[i, :len(flat_outputs)] = torch.tensor(flat_outputs)
+        targets[i, :len(flat_outputs)] = torch.tensor([t for s in row.scored for t in s.targets])
+        owners[i, :len(flat_outputs)] = torch.tensor([s.index for s in row.scored for _ in s.targets])
+    tensors: dict[str, torch.Tensor | None] = {"tokens": tokens, "outputs": outputs, "targets": targets,
+                                               "owners": owners, "positions": None, "attn_mask": None}
+    if any(row.shared for row in batch):
+        positions = torch.zeros(len(batch), width, dtype=torch.long)
+        for i, row in enumerate(batch):
+            positions[i, :len(row.inputs)] = torch.tensor(row.positions or range(len(row.inputs)))
+        tensors["positions"] = positions
+        tensors["attn_mask"] = torch.stack([_attention_mask(row, width) for row in batch]).unsqueeze(1)
+    return tensors
 
 
 def _shard_for_rank(rows: list[_Row]) -> list[_Row]:
@@ -124,33 +202,48 @@ def score_requests(
     device: torch.device,
     autocast: Any = None,
     progress: str | None = None,
+    share_contexts: bool = True,
 ) -> list[tuple[float, bool]]:
     """(sum of log-probabilities of the continuation, whether greedy decoding would produce it) per request.
 
-    Rows are sorted longest first and scored `batch_size` at a time; under torch.distributed each rank
-    scores a share and all ranks receive every score. With `progress` (its label) and a terminal, a bar counts the
-    requests (one per choice of each example) with an ETA.
+    Requests with one context share a row (`share_contexts`); rows are sorted longest first and scored
+    `batch_size` at a time; under torch.distributed each rank scores a share and all ranks receive every score.
+    With `progress` (its label) and a terminal, a bar counts the requests (one per choice of each example) with an
+    ETA.
     """
-    rows = sorted(_rows(requests, max_length), key=lambda r: (-len(r.inputs), r.index))
+    rows = sorted(_rows(requests, max_length, share_contexts), key=lambda r: (-len(r.inputs), r.scored[0].index))
     mine = _shard_for_rank(rows)
-    batches = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
     scores: dict[int, tuple[float, bool]] = {}
     show = progress is not None and sys.stderr.isatty()
-    bar = tqdm(total=len(mine), desc=progress, unit="req", disable=not show, leave=False, dynamic_ncols=True)
-    for batch in batches:
-        tokens, positions, targets = (t.to(device) for t in _batch_tensors(batch))
-        with autocast if autocast is not None else contextlib.nullcontext():
-            logits = logits_fn(tokens, output_positions=positions)
-        log_probs = F.log_softmax(logits.float(), dim=-1)
-        scored = targets >= 0  # continuations shorter than the batch's longest are padded with -1
-        token_ll = log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1).masked_fill(~scored, 0.0)
-        token_greedy = (log_probs.argmax(-1) == targets) | ~scored
-        for row, ll, greedy in zip(batch, token_ll.sum(-1).tolist(), token_greedy.all(-1).tolist()):
-            scores[row.index] = (ll, greedy)
-        bar.update(len(batch))
+    bar = tqdm(total=sum(len(row.scored) for row in mine), desc=progress, unit="req", disable=not show, leave=False,
+               dynamic_ncols=True)
+    for start in range(0, len(mine), batch_size):
+        batch = mine[start:start + batch_size]
+        scores.update(_score_batch(logits_fn, _batch_tensors(batch), device, autocast))
+        bar.update(sum(len(row.scored) for row in batch))
     bar.close()
     scores = _gather_from_ranks(scores)
     return [scores[i] for i in range(len(requests))]
+
+
+def _score_batch(logits_fn: LogitsFn, tensors: dict[str, torch.Tensor | None], device: torch.device,
+                 autocast: Any) -> dict[int, tuple[float, bool]]:
+    extra = {name: tensors[name].to(device) for name in ("positions", "attn_mask") if tensors[name] is not None}
+    targets, owners = tensors["targets"].to(device), tensors["owners"]
+    with autocast if autocast is not None else contextlib.nullcontext():
+        logits = logits_fn(tensors["tokens"].to(device), output_positions=tensors["outputs"].to(device), **extra)
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    token_ll = log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1).cpu()
+    token_greedy = (log_probs.argmax(-1) == targets).cpu()
+    scores = {}
+    for row, row_owners in enumerate(owners.tolist()):  # each request's tokens are contiguous within its row
+        start = 0
+        for index, group in itertools.groupby(row_owners):
+            end = start + len(list(group))
+            if index >= 0:
+                scores[index] = (float(token_ll[row, start:end].sum()), bool(token_greedy[row, start:end].all()))
+            start = end
+    return scores
 
 
 # ------------------------------------------------------------------------------------------------ metrics

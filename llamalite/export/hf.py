@@ -77,7 +77,8 @@ def export_checkpoint(
     write_json(tmp / "generation_config.json",
                {key: special[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")})
     tokenizer.save(tmp / "tokenizer.json")
-    write_json(tmp / "tokenizer_config.json", tokenizer_config(special, model.config.max_seq_len, state["config"]))
+    write_json(tmp / "tokenizer_config.json",
+               tokenizer_config(special, tokenizer, model.config.max_seq_len, state["config"]))
     (tmp / "README.md").write_text(model_card(checkpoint, state, model, vocab_size, dtype_name))
     move_into(tmp, out_dir, weights=HF_WEIGHT_FILES)
     return out_dir
@@ -92,8 +93,8 @@ def check_exportable(config: ModelConfig) -> None:
 
 
 def special_tokens(state: dict[str, Any], tokenizer: Tokenizer) -> dict[str, Any]:
-    """bos/eos/unk/pad tokens and ids: all the end-of-text token (GPT-2's convention) unless an import recorded
-    others."""
+    """bos/eos/unk/pad tokens and ids: all the end-of-text token (GPT-2's convention) unless the tokenizer has its
+    own BOS (put before every text, or declared by tokenizer.bos_token) or an import recorded others."""
     recorded = state.get("special_tokens") or {}
     special: dict[str, Any] = {}
     for name in SPECIAL_TOKENS:
@@ -101,6 +102,8 @@ def special_tokens(state: dict[str, Any], tokenizer: Tokenizer) -> dict[str, Any
         special[name] = token
         special[f"{name}_id"] = tokenizer.token_to_id(token)
     special["eos_token"], special["eos_token_id"] = tokenizer.eos_token, tokenizer.eos_id
+    if tokenizer.bos_id != tokenizer.eos_id:
+        special["bos_token"], special["bos_token_id"] = tokenizer.bos_token, tokenizer.bos_id
     return special
 
 
@@ -182,12 +185,16 @@ def hf_config(config: ModelConfig, vocab_size: int, dtype_name: str, special: di
     }
 
 
-def tokenizer_config(special: dict[str, Any], max_seq_len: int, config: dict[str, Any]) -> dict[str, Any]:
+def tokenizer_config(special: dict[str, Any], tokenizer: Tokenizer, max_seq_len: int,
+                     config: dict[str, Any]) -> dict[str, Any]:
+    """tokenizer_config.json. Whether a BOS goes before every text is tokenizer.json's post-processor (what
+    transformers 5 reads); add_bos_token says the same for the readers that take it from here."""
     result = {"tokenizer_class": "PreTrainedTokenizerFast", **{name: special[name] for name in SPECIAL_TOKENS},
+              "add_bos_token": tokenizer.prepends_bos, "add_eos_token": False,
               "model_max_length": max_seq_len, "clean_up_tokenization_spaces": False}
     template = trained_template(config)  # a fine-tuned model's training template; none for a pretrained one
     if template is not None:
-        result["chat_template"] = jinja_template(template)
+        result["chat_template"] = jinja_template(template, bos=tokenizer.prepends_bos)
     return result
 
 
@@ -283,14 +290,16 @@ def import_hf(hf_dir: Path, out_dir: Path, force: bool = False) -> Path:
     tokenizer, special = None, {}
     if tokenizer_file.is_file():
         special = hf_special_tokens(hf_dir, hf, tokenizer_file)
-        tokenizer = Tokenizer.load(tokenizer_file, special["eos_token"])
+        tokenizer = Tokenizer.load(tokenizer_file, special["eos_token"], special["bos_token"])
         config.tokenizer.eos_token = tokenizer.eos_token
+        config.tokenizer.bos_token = special["bos_token"] if tokenizer.bos_id != tokenizer.eos_id else None
         config.tokenizer.path = str(out_dir / "tokenizer.json")
     state = {
         "step": 0,
         "tokens_seen": 0,
         "world_size": 1,
         "tokenizer_fingerprint": tokenizer.fingerprint if tokenizer else None,
+        "bos": tokenizer.bos_record() if tokenizer else None,
         "config": config.to_dict(),
         "code_version": __version__,
         "imported_from": str(hf_dir),

@@ -1,3 +1,4 @@
-from llamalite.model.llama import Llama, ModelConfig
+"""The model: a pure nn.Module (llama.py), its torch-free config (config.py), KV cache, presets and LoRA.
 
-__all__ = ["Llama", "ModelConfig"]
+Nothing is imported here, so that `llamalite.model.config` and `llamalite.model.presets` load without torch.
+"""

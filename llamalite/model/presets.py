@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from llamalite.errors import ConfigError, did_you_mean
-from llamalite.model.llama import ModelConfig
+from llamalite.model.config import ModelConfig
 
 PRESETS: dict[str, ModelConfig] = {
     # A few million parameters: trains on a laptop CPU in minutes (the demo's model).

@@ -8,6 +8,7 @@ and it is reversed: lower loss to the right, so training progresses left to righ
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,12 +53,21 @@ def _number(value) -> float | None:
 
 
 def first_above_chance(series: list[Point], chance: float, sigmas: float = SIGMAS) -> Point | None:
-    """The first point (by step) whose score exceeds chance by `sigmas` standard errors; a point without a
-    standard error cannot tell, and is passed over."""
+    """The first trained checkpoint (step > 0) from which on every score exceeds chance by `sigmas` standard errors.
+
+    The untrained model (step 0) is left out: its score is chance plus noise, and at a few hundred examples a
+    random model clears 2 standard errors now and then (HellaSwag acc_norm 0.32 +- 0.033 at step 0 of a real run).
+    Every later score must stay above too, so one lucky checkpoint is not an emergence. A point without a standard
+    error cannot tell: it is passed over (it neither starts nor breaks a run above chance)."""
+    first = None
     for point in sorted(series, key=lambda p: p.step):
-        if point.stderr is not None and point.score - chance > sigmas * point.stderr:
-            return point
-    return None
+        if point.step <= 0 or point.stderr is None:
+            continue
+        if point.score - chance > sigmas * point.stderr:
+            first = first or point
+        else:
+            first = None
+    return first
 
 
 def left_chance(runs: list[Run], unit: LossUnit) -> list[LeftChance]:
@@ -84,10 +94,11 @@ def loss_axis_label(unit: LossUnit) -> str:
 
 
 def draw_emergence(runs: list[Run]) -> Figure:
-    """One panel per task: score (±1 standard-error bars) against validation loss, chance line, left-chance star."""
+    """One panel per task: score (±1 standard-error bars) against validation loss, chance line, left-chance star;
+    a perplexity (LAMBADA's) on a log-scale panel of its own."""
     unit = loss_unit(runs)
-    panels = [(task, metrics) for task, metrics, is_perplexity in benchmark_panels(runs) if not is_perplexity]
-    joined = [p.loss for run in runs for task, metrics in panels for m in metrics
+    panels = benchmark_panels(runs)
+    joined = [p.loss for run in runs for task, metrics, _ in panels for m in metrics
               for p in points(run, task, m, unit) if p.loss is not None]
     if not joined:
         fig = Figure(figsize=(WIDTH_IN, 2.5), layout="constrained")
@@ -100,14 +111,18 @@ def draw_emergence(runs: list[Run]) -> Figure:
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     low, high = min(joined), max(joined)
     pad = 0.05 * (high - low) or 0.05 * abs(high) or 0.05
-    for ax, (task, metrics) in zip(axes, panels):
-        draw_task(ax, runs, task, metrics, unit)
+    for ax, (task, metrics, is_perplexity) in zip(axes, panels):
+        if is_perplexity:
+            draw_perplexity(ax, runs, task, metrics, unit)
+        else:
+            draw_task(ax, runs, task, metrics, unit)
         ax.set_xlim(high + pad, low - pad)  # reversed: lower loss to the right; one range for every panel
     for ax in axes[len(panels):]:
         ax.set_visible(False)
     fig.supxlabel(loss_axis_label(unit), fontsize=10)
     title = "Benchmark scores against validation loss (bars: ±1 standard error; star: left chance by 2 s.e.)"
-    fig.suptitle(title + (f"\nNote: {unit.reason}" if unit is BITS_PER_BYTE else ""), fontsize=10)
+    note = f"\n{textwrap.fill('Note: ' + (unit.reason or ''), 110)}" if unit is BITS_PER_BYTE else ""
+    fig.suptitle(title + note, fontsize=10)
     return fig
 
 
@@ -136,6 +151,23 @@ def draw_task(ax, runs: list[Run], task: str, metrics: list[str], unit: LossUnit
     handles.append(Line2D([], [], marker="*", markersize=10, color="#999999", markeredgecolor="black",
                           linestyle="none", label="left chance"))
     ax.legend(handles=handles, fontsize=7, loc="best")
+
+
+def draw_perplexity(ax, runs: list[Run], task: str, metrics: list[str], unit: LossUnit) -> None:
+    """A task's perplexity against validation loss, on a log scale (lower is better): no chance line, no stderr."""
+    for i, run in enumerate(runs):
+        for j, metric in enumerate(metrics):
+            series = [p for p in points(run, task, metric, unit) if p.loss is not None]
+            if series:
+                linestyle, marker = metric_style(metric, j)
+                ax.plot([p.loss for p in series], [p.score for p in series], color=run_color(i), marker=marker,
+                        linestyle=linestyle, markersize=5, linewidth=1.3,
+                        label=f"{run.label} {metric}" if len(runs) > 1 else metric)
+    ax.set_yscale("log")
+    ax.set_title(f"{task} (lower is better)", fontsize=10)
+    ax.set_ylabel("perplexity", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
 
 
 def draw_series(ax, series: list[Point], color: str, style: tuple[str, str], label: str) -> None:

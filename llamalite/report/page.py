@@ -10,7 +10,7 @@ from typing import Any
 
 from llamalite import __version__
 from llamalite.report.emergence import LeftChance, left_chance
-from llamalite.report.runs import Run, event_detail, loss_unit, summary_row
+from llamalite.report.runs import BITS_PER_BYTE, Run, event_detail, loss_unit, summary_row
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 1.5em auto; max-width: 1100px;
@@ -67,17 +67,26 @@ def summary_section(runs: list[Run]) -> str:
     rows = []
     for run in runs:
         row = summary_row(run)
-        best = f"{row['best_val_loss']:.4f} (step {row['best_val_step']})" if row["best_val_loss"] is not None else "–"
+        best = _best(row["best_val_loss"], row["best_val_step"])
+        best_bpb = _best(row["best_val_bits_per_byte"], row["best_val_bits_per_byte_step"])
         scores = "<br>".join(
             f"{escape(name)} {value:.3f}" + (f" ± {stderr:.3f}" if stderr is not None else "") + f" (step {step})"
             for name, (value, stderr, step) in row["final_scores"].items()
         ) or "no evaluations yet"
         rows.append([escape(row["run"]), escape(row["recipe"]), escape(row["status"]), f"{row['steps']:,}",
                      fmt_tokens(row["tokens"]), fmt_seconds(row["wall_seconds"]), fmt_number(row["final_train_loss"]),
-                     best, scores])
-    header = ["run", "recipe", "status", "steps", "tokens", "wall time", "final train loss", "best val loss",
-              "final benchmark scores"]
-    return "<h2>Summary</h2>" + table(header, rows, classes=dict.fromkeys([3, 4, 5, 6], "num"))
+                     best, best_bpb, scores])
+    header = ["run", "recipe", "status", "steps", "tokens", "wall time", "final train loss",
+              "best val loss (nats per token)", "best val bits per byte", "final benchmark scores"]
+    note = ""
+    if loss_unit(runs) is BITS_PER_BYTE and len(runs) > 1:
+        note = (f"<p>Note: {escape(BITS_PER_BYTE.reason or '')}; compare the runs by bits per byte, not by the loss "
+                "per token.</p>")
+    return "<h2>Summary</h2>" + table(header, rows, classes=dict.fromkeys([3, 4, 5, 6, 7, 8], "num")) + note
+
+
+def _best(value: float | None, step: int | None) -> str:
+    return f"{value:.4f} (step {step})" if value is not None else "–"
 
 
 def figure_section(title: str, png: Path, caption: str) -> str:

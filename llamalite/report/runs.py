@@ -368,6 +368,8 @@ def recipe_label(config: dict[str, Any]) -> str:
 
 def summary_row(run: Run) -> dict[str, Any]:
     best = min(run.val, key=lambda v: v["loss"], default=None)
+    best_bpb = min((v for v in run.val if v.get("bits_per_byte") is not None), key=lambda v: v["bits_per_byte"],
+                   default=None)
     final_scores = {}
     for task, bench in run.benchmarks.items():
         metric = headline_metric(bench)
@@ -385,6 +387,8 @@ def summary_row(run: Run) -> dict[str, Any]:
         "final_train_loss": run.train[-1]["train/loss"] if run.train else None,
         "best_val_loss": best["loss"] if best else None,
         "best_val_step": best["step"] if best else None,
+        "best_val_bits_per_byte": best_bpb["bits_per_byte"] if best_bpb else None,  # comparable across tokenizers
+        "best_val_bits_per_byte_step": best_bpb["step"] if best_bpb else None,
         "final_scores": final_scores,
     }
 

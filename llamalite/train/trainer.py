@@ -179,7 +179,7 @@ class Trainer:
     def build_tokenizer(self) -> Tokenizer:
         self.manifest = read_manifest(self.data_dir)
         path = self.data_dir / self.manifest["tokenizer"]["file"]
-        tokenizer = Tokenizer.load(path, self.config.tokenizer.eos_token)
+        tokenizer = Tokenizer.load(path, self.config.tokenizer.eos_token, self.config.tokenizer.bos_token)
         if tokenizer.fingerprint != self.manifest["tokenizer"].get("fingerprint", tokenizer.fingerprint):
             raise TrainError(f"{path} is not the tokenizer the shards of {self.data_dir} were encoded with (its "
                              "fingerprint differs from the manifest's): put the original back, or run "
@@ -452,7 +452,7 @@ class Trainer:
             with self.autocast():
                 new = sample(
                     self.model,
-                    self.tokenizer.encode(prompt) or [self.tokenizer.eos_id],
+                    self.tokenizer.encode_sequence(prompt),
                     self.train_cfg.sample_tokens,
                     temperature=self.train_cfg.sample_temperature,
                     top_k=self.train_cfg.sample_top_k,
@@ -473,6 +473,7 @@ class Trainer:
             "rewarmup_from": self.rewarmup_from,
             "schedule_override": self.schedule_override,
             "tokenizer_fingerprint": self.tokenizer.fingerprint,
+            "bos": self.tokenizer.bos_record(),
             "config": self.config.to_dict(),
             "code_version": __version__,
         }

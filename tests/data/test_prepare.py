@@ -70,6 +70,7 @@ def test_manifest_describes_the_run(text_folder: Path, make_config) -> None:
     assert tokenizer["file"] == "tokenizer.json"
     assert tokenizer["fingerprint"] == Tokenizer.load(Path(config.data.out_dir) / "tokenizer.json").fingerprint
     assert tokenizer["padded_vocab_size"] % 64 == 0 and tokenizer["size"] <= 320
+    assert tokenizer["encoder"].startswith("tiktoken ") and tokenizer["start_ids"] == []
     assert manifest["dtype"] == "uint16"
     assert manifest["sources"][0]["path"] == str(text_folder)
     assert [s["file"] for s in manifest["splits"]["val"]["shards"]] == ["val_000000.bin"]
@@ -542,3 +543,26 @@ def test_hf_dataset_that_cannot_be_opened_is_one_clear_error(tmp_path: Path, mak
     source = SourceConfig(type="hf", path=str(tmp_path / "no-such-dataset"), split="train")
     with pytest.raises(DataError, match="cannot open Hugging Face dataset"):
         prepare(make_config([source]))
+
+
+def test_a_bos_adding_tokenizer_starts_every_document_with_its_bos(text_folder: Path, make_config, make_documents,
+                                                                   tmp_path: Path) -> None:
+    from tests.bos_models import small_bpe_with_bos
+
+    inner, _ = small_bpe_with_bos(make_documents(20))
+    inner.save(str(tmp_path / "bos-tokenizer.json"))
+    config = make_config([SourceConfig(type="text", path=str(text_folder))], docs_per_chunk=7)
+    config.tokenizer.path = str(tmp_path / "bos-tokenizer.json")
+    bos_id = inner.token_to_id("<s>")
+    for num_workers in (1, 2):  # the worker processes' tokenizers follow the same rule
+        config.data.num_workers, config.data.out_dir = num_workers, str(tmp_path / f"prepared{num_workers}")
+        manifest = prepare(config)
+        assert manifest["tokenizer"]["start_ids"] == [bos_id]
+        out_dir = Path(config.data.out_dir)
+        for split in ("train", "val"):
+            tokens = np.concatenate([read_shard(out_dir / s["file"]) for s in manifest["splits"][split]["shards"]])
+            eos_at = np.flatnonzero(tokens == manifest["tokenizer"]["eos_id"])
+            assert len(eos_at) == manifest["splits"][split]["documents"] and eos_at[0] == 0
+            assert (tokens[eos_at + 1] == bos_id).all() and (tokens == bos_id).sum() == len(eos_at)
+        assert sorted(split_documents(out_dir, "train") + split_documents(out_dir, "val")) == \
+            sorted("<s>" + text for text in make_documents(60))

@@ -69,6 +69,40 @@ def test_batched_scores_equal_one_at_a_time_with_left_truncation(batch_size):
         assert ll == pytest.approx(want_ll, abs=1e-4) and greedy == want_greedy
 
 
+def multiple_choice_requests(count: int, seed: int = 0):
+    """Examples of 2-4 choices sharing a context, as multiple-choice tasks give them, plus single requests."""
+    rng = random.Random(seed)
+    requests = []
+    for _ in range(count):
+        context = [rng.randrange(300) for _ in range(rng.randint(1, 20))]
+        requests += [(context, [rng.randrange(300) for _ in range(rng.randint(1, 6))])
+                     for _ in range(rng.randint(1, 4))]
+    return requests
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 64])
+def test_choices_sharing_a_context_score_as_if_alone(batch_size):
+    model, requests = small_model(), multiple_choice_requests(30)  # some groups exceed 24 tokens: not shared
+    expected = naive_scores(model, requests, 24)
+    shared = score_requests(model, requests, 24, batch_size, CPU)
+    for (ll, greedy), (want_ll, want_greedy) in zip(shared, expected):
+        assert ll == pytest.approx(want_ll, abs=1e-4) and greedy == want_greedy
+    unshared = score_requests(model, requests, 24, batch_size, CPU, share_contexts=False)
+    assert [g for _, g in unshared] == [g for _, g in shared]
+
+
+def test_a_shared_row_holds_the_context_once_and_each_choice_at_its_own_positions():
+    from llamalite.eval.harness import _attention_mask, _rows
+
+    (row,) = _rows([([1, 2, 3], [7, 8]), ([1, 2, 3], [9]), ([1, 2, 3], [4, 5, 6])], max_length=24)
+    assert row.inputs == [1, 2, 3, 7, 4, 5] and row.positions == [0, 1, 2, 3, 3, 4]
+    assert [(s.outputs, s.targets) for s in row.scored] == [([2, 3], [7, 8]), ([2], [9]), ([2, 4, 5], [4, 5, 6])]
+    mask = _attention_mask(row, 7)
+    assert mask[4].tolist() == [True, True, True, False, True, False, False]  # choice 3 does not see choice 1
+    assert mask[6].tolist() == [False] * 6 + [True]  # padding sees itself only
+    assert len(_rows([([1, 2, 3], [7, 8]), ([1, 2, 3], [9])], max_length=3)) == 2  # 3 + 1 + 0 > 3: alone
+
+
 def test_greedy_is_true_when_the_continuation_is_the_argmax():
     model = small_model()
     context = [5, 9, 17]

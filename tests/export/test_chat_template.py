@@ -1,10 +1,11 @@
 """A fine-tuned model's export carries its training chat template: transformers' apply_chat_template gives the
-token ids of llamalite's SFT data pipeline."""
+token ids of llamalite's SFT data pipeline, with the BOS first where the tokenizer puts one before every text."""
 
 import json
 
 import pytest
 import torch
+from tokenizers import Tokenizer as HFTokenizer
 
 from llamalite.checkpoint.format import save_checkpoint
 from llamalite.config import Config, DataConfig
@@ -12,6 +13,7 @@ from llamalite.data.sft import encode_conversation, encode_prompt, get_template
 from llamalite.export.hf import export_checkpoint
 from llamalite.model.llama import Llama, ModelConfig
 from llamalite.tokenizer import Tokenizer
+from tests.bos_models import add_bos_rule
 
 transformers = pytest.importorskip("transformers")
 
@@ -25,10 +27,13 @@ CONVERSATION = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
+@pytest.fixture(scope="module", params=["no BOS", "BOS"])
+def tokenizer_dir(tmp_path_factory, request):
     folder = tmp_path_factory.mktemp("data")
-    Tokenizer.train(SENTENCES * 10, vocab_size=300).save(folder / "tokenizer.json")
+    tokenizer = Tokenizer.train(SENTENCES * 10, vocab_size=300)
+    if request.param == "BOS":
+        tokenizer = Tokenizer.from_json_str(add_bos_rule(HFTokenizer.from_str(tokenizer.to_json_str()), "<s>").to_str())
+    tokenizer.save(folder / "tokenizer.json")
     return folder
 
 
@@ -57,4 +62,10 @@ def test_exported_chat_template_gives_the_ids_of_sft_training(tokenizer_dir, tmp
     finished = [*CONVERSATION, {"role": "assistant", "content": "the lady"}]
     trained = theirs.apply_chat_template(finished, tokenize=True, return_dict=False)
     assert trained == encode_conversation(finished, template, ours).ids
-    assert trained.count(ours.eos_id) == 2 and trained[-1] == ours.eos_id  # the EOS id after each answer, no BOS
+    assert trained.count(ours.eos_id) == 2 and trained[-1] == ours.eos_id  # the EOS id after each answer
+    if ours.prepends_bos:  # one BOS, first, as the tokenizer puts it before a text; never trained on
+        assert trained[0] == ours.bos_id and trained.count(ours.bos_id) == 1
+        assert encode_conversation(finished, template, ours).mask[0] is False
+        assert json.loads((out / "tokenizer_config.json").read_text())["bos_token"] == "<s>"
+    else:
+        assert trained[0] != ours.bos_id

@@ -450,3 +450,32 @@ def test_lm_eval_runs_on_the_export(tokenizer_dir, tmp_path):
     results = simple_evaluate(model="hf", model_args=f"pretrained={out},dtype=float32", tasks=["llamalite_toy"],
                               task_manager=TaskManager(include_path=str(tasks)), device="cpu", batch_size=2)
     assert 0.0 <= results["results"]["llamalite_toy"]["acc,none"] <= 1.0
+
+
+def test_a_bos_adding_import_feeds_generate_what_transformers_does_and_exports_its_rule(tmp_path):
+    from llamalite.generate import SamplingOptions, generate
+    from tests.bos_models import bos_transformers_folder, small_bpe_with_bos
+
+    hf_dir = bos_transformers_folder(tmp_path / "hf", small_bpe_with_bos(SENTENCES * 10), max_seq_len=64)
+    checkpoint = import_hf(hf_dir, tmp_path / "imported")
+    loaded = load_for_inference(checkpoint)
+    tokenizer = loaded.tokenizer
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state["bos"] == {"token": "<s>", "id": tokenizer.token_to_id("<s>"), "prepended": True}
+    assert loaded.config.tokenizer.bos_token == "<s>" and tokenizer.prepends_bos
+
+    theirs = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    prompt_ids = theirs(TEXT, return_tensors="pt").input_ids
+    assert prompt_ids[0, 0].item() == tokenizer.bos_id
+    expected = hf_model.generate(prompt_ids, max_new_tokens=12, do_sample=False, eos_token_id=tokenizer.eos_id,
+                                 pad_token_id=tokenizer.eos_id)[0, prompt_ids.shape[1]:].tolist()
+    result = generate(loaded.model, tokenizer, [TEXT], SamplingOptions(max_new_tokens=12, temperature=0.0))[0]
+    assert result.prompt_tokens == prompt_ids[0].tolist()
+    assert result.tokens == expected
+
+    out = export_checkpoint(checkpoint, tmp_path / "again")
+    settings = json.loads((out / "tokenizer_config.json").read_text())
+    assert settings["bos_token"] == "<s>" and settings["add_bos_token"] is True
+    assert json.loads((out / "config.json").read_text())["bos_token_id"] == tokenizer.bos_id
+    assert transformers.AutoTokenizer.from_pretrained(out)(TEXT).input_ids == prompt_ids[0].tolist()

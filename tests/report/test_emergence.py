@@ -1,5 +1,6 @@
 """The emergence figure and the left-chance table, on synthetic run directories shaped like real ones."""
 
+import csv
 import json
 import math
 
@@ -125,6 +126,32 @@ def test_first_above_chance_is_strict_and_skips_points_without_stderr():
     assert first_above_chance(series[:2], 0.5) is None
 
 
+def test_the_untrained_model_and_a_passing_fluke_have_not_left_chance():
+    above, below = 0.33, 0.27  # stderr 0.03 around chance 0.25: above means more than 0.31
+    series = [Point(0, above, 0.03, 5.0), Point(10, above, 0.03, 4.0), Point(20, below, 0.03, 3.5),
+              Point(30, above, 0.03, 3.0), Point(40, above, None, 2.8), Point(50, above, 0.03, 2.5)]
+    assert first_above_chance(series, 0.25).step == 30  # not 0 (untrained), not 10 (fell back at 20)
+    assert first_above_chance(series[:3], 0.25) is None
+    assert first_above_chance(series[:2], 0.25).step == 10
+
+
+def test_a_perplexity_is_drawn_against_loss_on_a_log_panel_of_its_own(same_tokenizer):
+    run_dir = same_tokenizer[0]
+    with open(run_dir / "evals.jsonl", "a") as f:
+        for i, step in enumerate(STEPS):
+            f.write(json.dumps({"step": step, "tokens": step * TOKENS_PER_STEP, "time": 3000.0 + step,
+                                "metrics": {"eval/lambada_openai/perplexity": 1e6 / 10 ** i,
+                                            "eval/lambada_openai/acc": 0.0, "eval/lambada_openai/acc_stderr": 0.0},
+                                "chance": {"lambada_openai": 0.0}, "n": {"lambada_openai": 200}}) + "\n")
+    fig = draw_emergence(load_runs([run_dir]))
+    ax = panel(fig, "lambada_openai (lower is better)")
+    assert ax.get_yscale() == "log" and ax.xaxis_inverted()
+    (line,) = ax.get_lines()
+    assert list(line.get_ydata()) == [1e6 / 10 ** i for i in range(len(STEPS))]
+    assert list(line.get_xdata()) == pytest.approx([val_loss(step, 1.0) for step in STEPS])
+    assert panel(fig, "lambada_openai")  # its accuracy keeps a panel of its own
+
+
 def test_single_evaluation_points_get_error_bars(same_tokenizer):
     fig = draw_emergence(load_runs(same_tokenizer))
     bars = errorbars(panel(fig, "hellaswag"))
@@ -160,3 +187,14 @@ def test_the_report_carries_the_emergence_figure_and_the_left_chance_table(two_t
     assert "bits per byte" in section and "different tokenizers" in section
     assert section.count("not yet") == 2  # arc_easy in each run
     assert "<td>piqa</td><td>acc</td><td class=\"num\">0.5</td><td class=\"num\">200</td>" in section
+    rows = list(csv.DictReader(open(index.parent / "left_chance.csv")))
+    piqa = [r for r in rows if r["task"] == "piqa"]
+    assert len(rows) == section.count("<tr>") - 1 and len(piqa) == 2
+    assert piqa[0]["step"] == "200" and piqa[0]["loss_unit"] == "bits_per_byte" and float(piqa[0]["val_loss"]) > 0
+    assert all(r["step"] == "" for r in rows if r["task"] == "arc_easy")  # not yet
+    points = list(csv.DictReader(open(index.parent / "emergence.csv")))
+    assert {r["loss_unit"] for r in points} == {"bits_per_byte"} and {r["task"] for r in points} >= {"piqa"}
+    summary = page[page.index("<h2>Summary"):page.index("<h2>", page.index("<h2>Summary") + 5)]
+    assert "best val bits per byte" in summary and "compare the runs by bits per byte" in summary
+    best = {r["run"]: r for r in csv.DictReader(open(index.parent / "summary.csv"))}
+    assert float(best["gpt2"]["best_val_bits_per_byte"]) == pytest.approx(val_loss(400, 1.3) / math.log(2) / 4.6)

@@ -48,6 +48,7 @@ def test_short_run_learns_and_writes_the_run_directory(corpus_dir, prepared_dir,
     torch.testing.assert_close(weights["norm.weight"], trainer.model.norm.weight.detach())
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     assert state["step"] == 12 and state["tokens_seen"] == 12 * 64
+    assert state["bos"] == {"token": "<|endoftext|>", "id": trainer.tokenizer.eos_id, "prepended": False}
 
 
 def test_bf16_autocast_trains(corpus_dir, prepared_dir, tmp_path):
