@@ -4,12 +4,20 @@ built with the same configuration, batch and threads. Each row is one optimizer 
     MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184 .venv/bin/python benchmarks/train_throughput.py
 
 Ratios compare rows of one run only (the malloc setting and the machine's load change absolute figures).
+
+`--threads` instead measures the thread settings on the tiny preset (fp32 eager): 1 and 2 OpenMP threads, each with
+the default OpenMP wait policy and with OMP_WAIT_POLICY=PASSIVE, on a quiet machine and next to a competing
+process (one core kept busy by a Python loop), each setting a fresh process (the policy is read at start-up),
+rounds alternating. It prints what was in force in each row.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -105,13 +113,70 @@ def run_preset(name: str, steps_override: int | None) -> list[tuple[str, float, 
     return rows
 
 
+THREAD_SETTINGS = [(2, None), (2, "PASSIVE"), (1, None), (1, "PASSIVE")]  # (OMP_NUM_THREADS, OMP_WAIT_POLICY)
+COMPETITOR = "while True: pass"
+
+
+def tiny_step_rate(steps: int) -> float:
+    """tokens/s of the tiny preset's fp32 eager step in this process (its thread settings from the environment)."""
+    torch.manual_seed(0)
+    model = Llama(get_preset("tiny"))
+    batch, seq, _ = SHAPES["tiny"]
+    return tokens_per_second(model, build_loss_fn(model, False), "fp32", batch, seq, steps)[0]
+
+
+def measured_in_child(threads: int, policy: str | None, steps: int) -> float:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    env.pop("OMP_WAIT_POLICY", None)
+    if policy:
+        env["OMP_WAIT_POLICY"] = policy
+    result = subprocess.run([sys.executable, __file__, "--child-steps", str(steps)], env=env, capture_output=True,
+                            text=True, check=True)
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def threads_study(steps: int, rounds: int) -> None:
+    print(f"torch {torch.__version__}, {os.cpu_count()} cores; tiny preset, fp32 eager, batch "
+          f"{SHAPES['tiny'][0]} x {SHAPES['tiny'][1]}, {steps} timed steps per process, {rounds} rounds; competitor: "
+          f"one process running `{COMPETITOR}`; malloc: MALLOC_MMAP_MAX_="
+          f"{os.environ.get('MALLOC_MMAP_MAX_', 'unset')}")
+    rates: dict[tuple[str, int, str | None], list[float]] = {}
+    for round_index in range(rounds):
+        for load in ("quiet", "competing process"):
+            competitor = subprocess.Popen([sys.executable, "-c", COMPETITOR]) if load != "quiet" else None
+            try:
+                order = THREAD_SETTINGS if round_index % 2 == 0 else list(reversed(THREAD_SETTINGS))
+                for threads, policy in order:
+                    rates.setdefault((load, threads, policy), []).append(measured_in_child(threads, policy, steps))
+            finally:
+                if competitor is not None:
+                    competitor.kill()
+                    competitor.wait()
+    print("\n| load | OMP_NUM_THREADS | OMP_WAIT_POLICY | tokens/s (median) | vs 2 threads, default policy |")
+    print("|---|---:|---|---:|---:|")
+    for load in ("quiet", "competing process"):
+        base = statistics.median(rates[(load, 2, None)])
+        for threads, policy in THREAD_SETTINGS:
+            rate = statistics.median(rates[(load, threads, policy)])
+            print(f"| {load} | {threads} | {policy or 'unset (OpenMP default)'} | {rate:,.0f} | {rate / base:.2f}x |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--presets", default="tiny,124m")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per row (default: per preset)")
+    parser.add_argument("--threads", action="store_true", help="the thread-settings study instead (see above)")
+    parser.add_argument("--rounds", type=int, default=2, help="--threads: rounds over the settings")
+    parser.add_argument("--child-steps", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child_steps:
+        print(tiny_step_rate(args.child_steps))
+        return
+    if args.threads:
+        return threads_study(args.steps or 6, args.rounds)
     malloc = {k: os.environ.get(k, "unset") for k in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, malloc: {malloc}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY="
+          f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}, malloc: {malloc}")
     tables = {}
     for name in args.presets.split(","):
         batch, seq, _ = SHAPES[name]

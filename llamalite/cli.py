@@ -20,6 +20,10 @@ from llamalite.logs import setup_logging
 from llamalite.model.presets import count_parameters, get_preset, matmul_parameters, training_flops_per_token
 from llamalite.tokenizer import Tokenizer
 
+# OpenMP's threads wait at barriers by spinning by default: on a machine shared with other work, 2 threads of a tiny
+# model's step ran 1.25x faster with PASSIVE waiting and 1% slower on a quiet machine (benchmarks/train_throughput.py
+# --threads). Read once, when torch loads its OpenMP: commands import torch after main() has set it.
+DEFAULT_OMP_WAIT_POLICY = "PASSIVE"
 # A run stopped by SIGTERM/SIGINT after saving a checkpoint: not finished, so not 0 (Slurm would record the job as
 # done); EX_TEMPFAIL, "try again", which a batch script turns into `scontrol requeue` (docs/scaling.md).
 EXIT_STOPPED = 75
@@ -400,6 +404,7 @@ def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> 
 def main(argv: list[str] | None = None) -> int:
     """Run one command. A user error (LlamaliteError) prints one line and returns 2; a training run stopped by a
     signal returns EXIT_STOPPED; any other exception is a bug and propagates with its traceback."""
+    os.environ.setdefault("OMP_WAIT_POLICY", DEFAULT_OMP_WAIT_POLICY)  # a user's own setting wins
     args = parse_arguments(build_parser(), argv)
     setup_logging(logging.DEBUG if os.environ.get("LLAMALITE_DEBUG") else logging.INFO)
     try:

@@ -117,3 +117,13 @@ def test_commands_that_build_no_model_never_import_torch(tmp_path):
         result = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip().splitlines()[-1] == "False", argv
+
+
+@pytest.mark.parametrize("given,expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_openmp_threads_wait_passively_unless_the_user_says_otherwise(given, expected):
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env |= {"OMP_WAIT_POLICY": given} if given else {}
+    script = ("import os, sys\nimport llamalite.cli as cli\ncli.main(['model-info', '124m'])\n"
+              "print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip().splitlines()[-1] == f"{expected} False"  # set before torch is ever loaded
