@@ -229,3 +229,17 @@ def test_other_layouts_and_disagreeing_encodings_keep_tokenizers(trained: Tokeni
     with caplog.at_level("WARNING"):
         assert tiktoken_bpe(layout, check=lambda text: [0]) is None
     assert "differs from tokenizers'" in caplog.text
+
+
+def test_a_pickled_tokenizer_keeps_its_rules(trained: Tokenizer) -> None:
+    # Spawned worker processes (macOS, Windows) get the tokenizer pickled: special-token text must stay text, and a
+    # declared BOS must survive (the wrapped tokenizer's own pickle drops encode_special_tokens).
+    import pickle
+
+    inner = HFTokenizer.from_str(trained.to_json_str())
+    inner.add_special_tokens(["<s>"])
+    declared = Tokenizer.from_json_str(inner.to_str(), bos_token="<s>")
+    copy = pickle.loads(pickle.dumps(declared))
+    text = "a literal <|endoftext|> and <s> stay text"
+    assert copy.encode(text) == declared.encode(text) and trained.eos_id not in copy.encode(text)
+    assert copy.bos_id == declared.bos_id == inner.token_to_id("<s>") and copy.fingerprint == declared.fingerprint

@@ -40,6 +40,17 @@ def test_an_empty_context_is_the_end_of_text_token(tokenizer):
     assert context == [tokenizer.eos_id] and continuation == tokenizer.encode(" the dog")
 
 
+def test_a_bos_adding_tokenizer_starts_every_context_with_its_bos(tokenizer):
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from tests.bos_models import add_bos_rule
+
+    bos = Tokenizer.from_json_str(add_bos_rule(HFTokenizer.from_str(tokenizer.to_json_str()), "<s>").to_str())
+    context, continuation = encode_pair(bos, "the cat", " sat")
+    assert context == [bos.bos_id, *tokenizer.encode("the cat")] and continuation == tokenizer.encode(" sat")
+    assert encode_pair(bos, "", " the dog") == ([bos.bos_id], tokenizer.encode(" the dog"))  # lm-eval's prefix
+
+
 def naive_scores(model, requests, max_length):
     """One request at a time, full logits, no padding: the definition the batched scorer must equal."""
     out = []
