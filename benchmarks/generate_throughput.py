@@ -1,14 +1,20 @@
-"""Decode throughput on this machine: llamalite with its KV cache, llamalite recomputing the whole sequence at
-every step, and transformers' LlamaForCausalLM.generate() on the same weights. Batch 1, greedy, random weights,
-a fixed prompt, every path generating exactly the same number of new tokens.
+"""Decode throughput on this machine: llamalite's compiled static decode step, its eager KV cache, and its
+whole-sequence recompute, against transformers' LlamaForCausalLM.generate() on the same weights, eager and with its
+static cache + torch.compile. Batch 1, greedy, random weights, a fixed prompt, every path generating exactly the
+same number of new tokens.
 
-    MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184 .venv/bin/python benchmarks/generate_throughput.py
+    MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184 .venv/bin/python benchmarks/generate_throughput.py \
+        --presets tiny,124m --dtype bf16 --skip-recompute 124m
 
 tokens/s = new tokens / wall time of the whole call (the short prefill included), the median of --repeats calls
-made round robin. Ratios compare rows of one run only (the malloc setting, the thread count and the machine's
+made round robin, after one untimed call per path (which compiles the compiled paths: its time is the "first call"
+column). Ratios compare rows of one run only (the malloc setting, threads, the OpenMP wait policy and the machine's
 load change absolute figures). On 2 shared cores, --threads 1 is steadier: two intra-op threads slow to a crawl
-when other processes compete for the cores. 124m: --presets tiny,124m --skip-recompute 124m (its recompute row
-would take many minutes).
+when other processes compete for the cores. The 124m recompute row would take many minutes: --skip-recompute 124m.
+
+Each preset also gets its memory-bandwidth limit: the bytes one decode step must read (every weight matrix once,
+the embedding table only when the head shares it, and the KV cache of the average context) over the bandwidth
+of reading a large tensor measured in the same process, and each path's fraction of it.
 """
 
 from __future__ import annotations
@@ -26,8 +32,9 @@ from llamalite.generate import SamplingOptions, generate_ids
 from llamalite.model.llama import Llama, ModelConfig
 from llamalite.model.presets import get_preset
 
-WARMUP_TOKENS = 8
-AGREEMENT_TOKENS = 16  # greedy paths must pick the same first tokens
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+REFERENCE = "transformers generate()"
+EAGER = "llamalite KV cache"
 
 
 def benchmark_config(preset: str, prompt_tokens: int, new_tokens: int) -> ModelConfig:
@@ -49,23 +56,60 @@ def hf_model(model: Llama) -> torch.nn.Module:
     return hf
 
 
-def ours(model: Llama, use_cache: bool):
+def ours(model: Llama, use_cache: bool = True, compile: bool = False):
     def run(prompt: list[int], new_tokens: int) -> list[int]:
         options = SamplingOptions(max_new_tokens=new_tokens, temperature=0.0)
-        return generate_ids(model, [prompt], options, use_cache=use_cache)[0].tokens
+        return generate_ids(model, [prompt], options, use_cache=use_cache, compile=compile)[0].tokens
 
     return run
 
 
-def transformers_generate(hf: torch.nn.Module):
+def transformers_generate(hf: torch.nn.Module, compiled: bool = False):
+    """generate(); compiled: with its static cache and its own torch.compile of the forward (transformers only
+    compiles on accelerators unless told to compile on every device)."""
+    extra = {}
+    if compiled:
+        from transformers import CompileConfig
+
+        compile_config = CompileConfig(fullgraph=True, dynamic=False, mode="default")
+        compile_config._compile_all_devices = True  # its switch for CPUs
+        extra = {"cache_implementation": "static", "compile_config": compile_config}
+
     def run(prompt: list[int], new_tokens: int) -> list[int]:
         ids = torch.tensor([prompt])
         with torch.inference_mode():
             out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **extra)
         return out[0, len(prompt):].tolist()
 
     return run
+
+
+def read_bandwidth(gigabytes: float = 0.5, repeats: int = 5) -> float:
+    """GB/s of summing a large fp32 tensor (the best of a few reads; the tensor is far larger than any cache)."""
+    data = torch.ones(int(gigabytes * 1e9) // 4)
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - started)
+    return data.numel() * 4 / best / 1e9
+
+
+def bytes_per_token(model: Llama, context: float) -> float:
+    """Bytes a decode step must read: each weight once (the embedding table only when the head is tied to it:
+    otherwise one row), and the keys and values of `context` cached positions in every layer."""
+    config = model.config
+    weights = sum(p.numel() * p.element_size() for name, p in model.named_parameters()
+                  if config.tie_embeddings or not name.startswith("embed_tokens"))
+    element = next(model.parameters()).element_size()
+    kv = 2 * config.n_layer * config.n_kv_head * config.head_dim * context * element
+    return weights + kv
+
+
+def equal_prefix(tokens: list[int], reference: list[int]) -> int:
+    """How many tokens, from the first, equal the reference's (greedy paths diverge for good after a difference)."""
+    return next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), len(tokens))
 
 
 def generate_count(run, prompt: list[int], new_tokens: int) -> tuple[float, list[int]]:
@@ -77,40 +121,50 @@ def generate_count(run, prompt: list[int], new_tokens: int) -> tuple[float, list
     return new_tokens / seconds, tokens
 
 
-def run_preset(name: str, prompt_len: int, new_tokens: int, skip_recompute: bool,
-               repeats: int) -> list[tuple[str, float, int]]:
+def run_preset(name: str, dtype: torch.dtype, prompt_len: int, new_tokens: int, skip_recompute: bool, repeats: int,
+               bandwidth: float) -> dict:
     """Each path `repeats` times, round robin (so a change in the machine's load hits every path); the median counts."""
     torch.manual_seed(0)
     model = Llama(benchmark_config(name, prompt_len, new_tokens)).eval()
+    hf = hf_model(model).to(dtype)
+    model = model.to(dtype)
     prompt = torch.randint(0, model.config.vocab_size, (prompt_len,),
                            generator=torch.Generator().manual_seed(0)).tolist()
-    variants = {"transformers generate()": transformers_generate(hf_model(model)),
-                "llamalite KV cache": ours(model, use_cache=True)}
+    variants = {REFERENCE: transformers_generate(hf),
+                "transformers static cache + compile": transformers_generate(hf, compiled=True),
+                EAGER: ours(model),
+                "llamalite compiled": ours(model, compile=True)}
     if not skip_recompute:
         variants["llamalite recompute"] = ours(model, use_cache=False)
-    for run in variants.values():
-        run(prompt, WARMUP_TOKENS)
+    first_call = {}
+    for label, run in variants.items():
+        started = time.perf_counter()
+        generate_count(run, prompt, new_tokens)
+        first_call[label] = time.perf_counter() - started
     speeds: dict[str, list[float]] = {label: [] for label in variants}
     tokens = {}
     for _ in range(repeats):
         for label, run in variants.items():
             tps, tokens[label] = generate_count(run, prompt, new_tokens)
             speeds[label].append(tps)
-    median = {label: statistics.median(values) for label, values in speeds.items()}
-    reference = tokens["transformers generate()"]
+    step_bytes = bytes_per_token(model, prompt_len + new_tokens / 2)
+    limit = bandwidth * 1e9 / step_bytes
     rows = []
     for label in variants:
-        agree = next((i for i, (a, b) in enumerate(zip(tokens[label], reference)) if a != b), new_tokens)
-        rows.append((label, median[label], agree))
+        median = statistics.median(speeds[label])
+        agree = {reference: equal_prefix(tokens[label], tokens[reference]) for reference in (REFERENCE, EAGER)}
+        rows.append({"path": label, "tps": median, "agree": agree, "first": first_call[label]})
         calls = ", ".join(f"{v:.1f}" for v in speeds[label])
-        print(f"  {name:>5} {label:<24} {median[label]:>9,.1f} tok/s  (calls: {calls}; first {agree} tokens equal "
-              "transformers')", flush=True)
-    return rows
+        print(f"  {name:>5} {label:<36} {median:>9,.1f} tok/s  (calls: {calls}; first call {first_call[label]:.1f} s; "
+              f"first {agree[REFERENCE]} tokens equal transformers', {agree[EAGER]} llamalite eager's)", flush=True)
+    return {"rows": rows, "limit": limit, "mb_per_token": step_bytes / 1e6}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--presets", default="tiny", help="comma-separated: tiny,124m")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                        help="weights of both models (default: fp32)")
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
@@ -119,23 +173,32 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    malloc = {k: os.environ.get(k, "unset") for k in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, malloc: {malloc}")
-    print(f"batch 1, greedy, prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, random weights (fp32), "
-          f"median of {args.repeats} calls")
+    environment = {k: os.environ.get(k, "unset") for k in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_",
+                                                             "OMP_WAIT_POLICY")}
+    bandwidth = read_bandwidth()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {environment}; "
+          f"read bandwidth {bandwidth:.1f} GB/s")
+    print(f"batch 1, greedy, prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, random weights "
+          f"({args.dtype}), median of {args.repeats} calls")
     skip = set(filter(None, args.skip_recompute.split(",")))
-    tables = {name: run_preset(name, args.prompt_tokens, args.new_tokens, name in skip, args.repeats)
+    tables = {name: run_preset(name, DTYPES[args.dtype], args.prompt_tokens, args.new_tokens, name in skip,
+                               args.repeats, bandwidth)
               for name in args.presets.split(",")}
 
-    print("\n| preset | path | new tokens/s | vs recompute | vs transformers | first tokens equal |")
-    print("|---|---|---:|---:|---:|---:|")
-    for name, rows in tables.items():
-        by_label = {label: tps for label, tps, _ in rows}
-        hf_tps, recompute_tps = by_label["transformers generate()"], by_label.get("llamalite recompute")
-        for label, tps, agree in rows:
-            vs_recompute = f"{tps / recompute_tps:.2f}x" if recompute_tps else "-"
-            print(f"| {name} | {label} | {tps:,.1f} | {vs_recompute} | {tps / hf_tps:.2f}x "
-                  f"| {agree}/{args.new_tokens} |")
+    print("\n| preset | path | new tokens/s | vs transformers | vs recompute | of the bandwidth limit | first call | "
+          "first tokens equal: transformers' | llamalite eager's |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, table in tables.items():
+        by_path = {row["path"]: row["tps"] for row in table["rows"]}
+        recompute = by_path.get("llamalite recompute")
+        for row in table["rows"]:
+            vs_recompute = f"{row['tps'] / recompute:.2f}x" if recompute else "-"
+            print(f"| {name} | {row['path']} | {row['tps']:,.1f} | {row['tps'] / by_path[REFERENCE]:.2f}x "
+                  f"| {vs_recompute} | {row['tps'] / table['limit']:.0%} | {row['first']:.1f} s "
+                  f"| {row['agree'][REFERENCE]}/{args.new_tokens} | {row['agree'][EAGER]}/{args.new_tokens} |")
+    for name, table in tables.items():
+        print(f"{name}: {table['mb_per_token']:,.1f} MB read per token at {bandwidth:.1f} GB/s: "
+              f"at most {table['limit']:,.1f} tokens/s")
 
 
 if __name__ == "__main__":

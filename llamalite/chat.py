@@ -57,8 +57,10 @@ class ChatSession:
     """Multi-turn history; the oldest turns are dropped when the conversation outgrows the context."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, template: ChatTemplate,
-                 options: SamplingOptions, generator: torch.Generator | None = None, system: str | None = None):
+                 options: SamplingOptions, generator: torch.Generator | None = None, system: str | None = None,
+                 compile: bool = False):
         self.model = model
+        self.compile = compile
         self.tokenizer = tokenizer
         self.template = template
         stops = tuple(options.stop) + tuple(stop_strings(template, tokenizer.eos_token))
@@ -92,7 +94,8 @@ class ChatSession:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a prompt cut to the context is reported as the result's prompt_truncated
             pieces = iter_generate_ids(self.model, [self.drop_oldest_turns()], self.options,
-                                       eos_id=self.tokenizer.eos_id, tokenizer=self.tokenizer, generator=self.generator)
+                                       eos_id=self.tokenizer.eos_id, tokenizer=self.tokenizer, generator=self.generator,
+                                       compile=self.compile)
             for piece in pieces:
                 if piece.text and on_text is not None:
                     on_text(piece.text)
@@ -107,10 +110,11 @@ class ChatSession:
 
 def run_chat(loaded: InferenceModel, template: str | None, options: SamplingOptions, seed: int | None = None,
              system: str | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None,
-             jsonl: bool = False) -> None:
+             jsonl: bool = False, compile: bool = False) -> None:
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     name, chat_template = template_from_state(loaded.state, template)
-    session = ChatSession(loaded.model, loaded.tokenizer, chat_template, options, seeded_generator(seed), system)
+    session = ChatSession(loaded.model, loaded.tokenizer, chat_template, options, seeded_generator(seed), system,
+                          compile=compile)
     if stdin.isatty():
         print(f"chatting with {loaded.path} (template {name}); /reset forgets the history, "
               "/exit quits", file=stdout)
@@ -161,7 +165,8 @@ def _scripted(session: ChatSession, stdin: TextIO, stdout: TextIO, jsonl: bool) 
 
 # ------------------------------------------------------------------------------------------------- generate
 def run_generate(loaded: InferenceModel, prompts: Sequence[str], options: SamplingOptions, seed: int | None = None,
-                 stream: bool = True, stdout: TextIO | None = None, stderr: TextIO | None = None) -> list[Generation]:
+                 stream: bool = True, stdout: TextIO | None = None, stderr: TextIO | None = None,
+                 compile: bool = False) -> list[Generation]:
     """`llamalite generate`: one prompt streams to stdout; several run as one batch, printed in order.
 
     stdout gets prompt + continuation; stderr one line per prompt with why it stopped and the speed.
@@ -178,7 +183,7 @@ def run_generate(loaded: InferenceModel, prompts: Sequence[str], options: Sampli
         stdout.flush()
     started = time.perf_counter()
     results = generate(loaded.model, loaded.tokenizer, prompts, options, generator=seeded_generator(seed),
-                       on_text=show if streaming else None)
+                       on_text=show if streaming else None, compile=compile)
     seconds = time.perf_counter() - started
     for row, (prompt, result) in enumerate(zip(prompts, results)):
         if streaming:

@@ -22,8 +22,11 @@ from llamalite.tokenizer import Tokenizer
 
 # OpenMP's threads wait at barriers by spinning by default: on a machine shared with other work, 2 threads of a tiny
 # model's step ran 1.25x faster with PASSIVE waiting and 1% slower on a quiet machine (benchmarks/train_throughput.py
-# --threads). Read once, when torch loads its OpenMP: commands import torch after main() has set it.
+# --threads). Decoding is the opposite: its steps are many tiny kernels, each waking sleeping threads, and PASSIVE
+# made them 1.3-3.7x slower (benchmarks/generate_throughput.py), so generate and chat keep OpenMP's default.
+# Read once, when torch loads its OpenMP: commands import torch after main() has set it.
 DEFAULT_OMP_WAIT_POLICY = "PASSIVE"
+DECODING_COMMANDS = ("generate", "chat")  # their stdout is the text: log lines go to stderr
 # A run stopped by SIGTERM/SIGINT after saving a checkpoint: not finished, so not 0 (Slurm would record the job as
 # done); EX_TEMPFAIL, "try again", which a batch script turns into `scontrol requeue` (docs/scaling.md).
 EXIT_STOPPED = 75
@@ -186,26 +189,36 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def load_for_decoding(args: argparse.Namespace):
+    """The checkpoint of `generate`/`chat`, its weights in --dtype."""
+    import torch
+
+    from llamalite.checkpoint.inference import load_for_inference
+
+    loaded = load_for_inference(Path(args.checkpoint))
+    if args.dtype == "bf16":
+        loaded.model.to(torch.bfloat16)
+    return loaded
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from llamalite.chat import run_generate
-    from llamalite.checkpoint.inference import load_for_inference
 
     set_threads(args.threads)
     options = sampling_options(args)  # checked before the checkpoint is loaded
     options.validate()
-    run_generate(load_for_inference(Path(args.checkpoint)), args.prompt, options, seed=args.seed,
-                 stream=not args.no_stream)
+    run_generate(load_for_decoding(args), args.prompt, options, seed=args.seed, stream=not args.no_stream,
+                 compile=args.compile)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
     from llamalite.chat import run_chat
-    from llamalite.checkpoint.inference import load_for_inference
 
     set_threads(args.threads)
     options = sampling_options(args)
     options.validate()
-    run_chat(load_for_inference(Path(args.checkpoint)), args.template, options, seed=args.seed, system=args.system,
-             jsonl=args.jsonl)
+    run_chat(load_for_decoding(args), args.template, options, seed=args.seed, system=args.system, jsonl=args.jsonl,
+             compile=args.compile)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -243,6 +256,11 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int) -> N
                    help="stop at this text, which is left out of the output (several allowed)")
     p.add_argument("--seed", type=int, default=None, help="seed of the sampling generator (default: random)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weight dtype (default: fp32)")
+    p.add_argument("--compile", action="store_true",
+                   help="decode with a compiled step of fixed shapes: 1.5-2x the tokens/s on a CPU after a first "
+                   "compile of 10-30 s per batch size and cache length, so it pays off from a few thousand tokens per "
+                   "process; the same tokens in fp32 (default: off; see docs/generation.md)")
 
 
 def add_force_argument(p: argparse.ArgumentParser) -> None:
@@ -404,9 +422,11 @@ def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> 
 def main(argv: list[str] | None = None) -> int:
     """Run one command. A user error (LlamaliteError) prints one line and returns 2; a training run stopped by a
     signal returns EXIT_STOPPED; any other exception is a bug and propagates with its traceback."""
-    os.environ.setdefault("OMP_WAIT_POLICY", DEFAULT_OMP_WAIT_POLICY)  # a user's own setting wins
     args = parse_arguments(build_parser(), argv)
-    setup_logging(logging.DEBUG if os.environ.get("LLAMALITE_DEBUG") else logging.INFO)
+    decoding = args.command in DECODING_COMMANDS
+    if not decoding:
+        os.environ.setdefault("OMP_WAIT_POLICY", DEFAULT_OMP_WAIT_POLICY)  # a user's own setting wins
+    setup_logging(logging.DEBUG if os.environ.get("LLAMALITE_DEBUG") else logging.INFO, all_to_stderr=decoding)
     try:
         code = args.func(args)
     except LlamaliteError as exc:

@@ -12,23 +12,29 @@
   multi-byte UTF-8 character, and text that could be the start of a stop string is held back until
   it is known not to be one.
 - `use_cache=False` recomputes the whole sequence at every step (the baseline of
-  benchmarks/generate_throughput.py).
+  benchmarks/generate_throughput.py); `compile=True` runs every step after the prefill as one compiled graph of
+  fixed shapes over a StaticKVCache (StaticDecoder), falling back to the same step run eagerly if compiling fails.
 
 Model code stays free of all this: it only takes positions, a mask and a cache (llamalite/model/llama.py).
 """
 
 from __future__ import annotations
 
+import logging
+import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from llamalite.errors import ConfigError
-from llamalite.model.kv_cache import KVCache
+from llamalite.model.kv_cache import KVCache, StaticKVCache
 from llamalite.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
 
 FINISH_REASONS = ("eos", "stop", "length", "context")
 
@@ -148,6 +154,117 @@ class CachedDecoder:
         return self.model(next_tokens[:, None], positions=positions, attn_mask=mask, cache=self.cache)[:, -1]
 
 
+def static_cache_length(needed: int, max_seq_len: int) -> int:
+    """Slots of a static cache: the next power of two (at least 256) that holds `needed`, at most max_seq_len, so
+    that prompts of many lengths share a few compiled shapes."""
+    return min(max_seq_len, max(256, 1 << (needed - 1).bit_length()))
+
+
+def static_step(model: nn.Module, cache: StaticKVCache, key_valid: torch.Tensor, pad: torch.Tensor,
+                tokens: torch.Tensor) -> torch.Tensor:
+    """Logits (B, vocab) after feeding `tokens` (B,) at slot cache.write_at, every shape fixed: the compiled step.
+
+    Attention runs as plain math (SDPA's MATH backend), which the compiler fuses into its own loops; for one query
+    over a few hundred keys that is faster than the flash kernel it would otherwise call.
+    """
+    slot = cache.write_at
+    positions = (slot - pad).clamp(max=model.config.max_seq_len - 1)[:, None]
+    slots = torch.arange(cache.max_len, device=tokens.device)
+    mask = (key_valid & (slots <= slot))[:, None, None, :]
+    with sdpa_kernel([SDPBackend.MATH]):
+        return model(tokens[:, None], positions=positions, attn_mask=mask, cache=cache)[:, -1]
+
+
+_COMPILED_STEPS: dict[str, Callable] = {}
+_COMPILED_SHAPES: set[tuple] = set()  # the shapes already compiled in this process, to announce a first compile
+
+
+def compiled_step(device_type: str) -> Callable:
+    """static_step through torch.compile, one wrapper per device type (torch keeps a graph per shape and model).
+
+    CPU: inductor with `freezing`, which folds the weights into the graph as constants and prepacks them for
+    oneDNN (2x faster bf16 matrix-vector products here; a second copy of the weights in memory). Freezing is read
+    from inductor's global config when a graph compiles, so each call sets it for its own duration.
+    CUDA: mode="reduce-overhead", which replays the step as a CUDA graph.
+    """
+    if device_type not in _COMPILED_STEPS:
+        if device_type == "cuda":
+            _COMPILED_STEPS[device_type] = torch.compile(static_step, fullgraph=True, dynamic=False,
+                                                         mode="reduce-overhead")
+        else:
+            from torch._inductor import config as inductor_config
+
+            compiled = torch.compile(static_step, fullgraph=True, dynamic=False)
+
+            def frozen_step(*args: torch.Tensor) -> torch.Tensor:
+                with inductor_config.patch(freezing=True):
+                    return compiled(*args)
+
+            _COMPILED_STEPS[device_type] = frozen_step
+    return _COMPILED_STEPS[device_type]
+
+
+class StaticDecoder:
+    """CachedDecoder's results from a compiled step of fixed shapes (a StaticKVCache).
+
+    The prefill runs eagerly exactly as CachedDecoder's (into a growing cache, then copied into the static one), so
+    the first token is the same. Every later step runs one compiled graph per (batch, cache slots, dtype, device);
+    the first step of a new shape compiles it (logged with its cost). When compiling fails (no C++ compiler, an
+    unsupported backend), a warning says why and the same static step runs eagerly.
+    """
+
+    def __init__(self, model: nn.Module, prompts: list[list[int]], new_positions: int, compile: bool = True):
+        self.model = model
+        self.prefiller = CachedDecoder(model, prompts, 0)
+        longest = self.prefiller.prompt_tokens.shape[1]
+        self.cache = StaticKVCache(model.config.n_layer, len(prompts),
+                                   static_cache_length(longest + new_positions, model.config.max_seq_len))
+        self.pad = self.prefiller.pad
+        slots = torch.arange(self.cache.max_len, device=self.pad.device)
+        self.key_valid = slots[None, :] >= self.pad[:, None]
+        self.step_fn: Callable = compiled_step(self.pad.device.type) if compile else static_step
+
+    def prefill(self) -> torch.Tensor:
+        logits = self.prefiller.prefill()
+        prompt_len = self.prefiller.cache.length
+        self.cache.write_at = torch.arange(prompt_len, device=logits.device)
+        for layer in range(self.model.config.n_layer):
+            self.cache.update(layer, self.prefiller.cache.keys[layer][:, :, :prompt_len],
+                              self.prefiller.cache.values[layer][:, :, :prompt_len])
+        self.prefiller = None  # its cache is copied
+        self.cache.write_at = torch.tensor([prompt_len], device=logits.device)
+        return logits
+
+    def step(self, next_tokens: torch.Tensor) -> torch.Tensor:
+        if self.step_fn is not static_step and self._shape() not in _COMPILED_SHAPES:
+            logits = self._first_compiled_step(next_tokens)
+        else:
+            logits = self.step_fn(self.model, self.cache, self.key_valid, self.pad, next_tokens)
+        self.cache.write_at += 1
+        return logits
+
+    def _shape(self) -> tuple:
+        return (id(self.model), self.cache.batch_size, self.cache.max_len, self.cache.keys[0].dtype, self.pad.device)
+
+    def _first_compiled_step(self, next_tokens: torch.Tensor) -> torch.Tensor:
+        logger.info("compiling the decode step for batch %d, %d cache slots (once per process and shape)...",
+                    self.cache.batch_size, self.cache.max_len)
+        started = time.perf_counter()
+        try:
+            logits = self.step_fn(self.model, self.cache, self.key_valid, self.pad, next_tokens)
+        except Exception as exc:
+            if isinstance(exc, torch.cuda.OutOfMemoryError):
+                raise
+            # Any compiler failure leaves the eager step, which computes the same thing.
+            warnings.warn(f"compiling the decode step failed ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+                          "decoding without compiling", stacklevel=2)
+            self.step_fn = static_step
+            return static_step(self.model, self.cache, self.key_valid, self.pad, next_tokens)
+        _COMPILED_SHAPES.add(self._shape())
+        logger.info("compiled the decode step in %.1f s", time.perf_counter() - started)
+        return logits
+
+
 class RecomputeDecoder:
     """No cache: run the whole sequence (its last `window` tokens) through the model at every step."""
 
@@ -246,8 +363,14 @@ def iter_generate_ids(
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     slide: bool = False,
+    compile: bool = False,
 ) -> Iterator[Piece]:
     """Generate continuations of token prompts; yields Pieces (text only when a tokenizer is given).
+
+    compile=True decodes with a compiled step of fixed shapes (StaticDecoder): faster per step, after a first-call
+    compile of seconds to a minute per shape. In fp32 it picks the eager path's tokens (tested); in bf16 other
+    kernels round differently and can tip a near tie. On the CPU the compiled graph holds the weights as constants:
+    a model whose weights then change in place needs torch._dynamo.reset() before compiling again.
 
     slide=False: a row stops with "context" when prompt + new tokens reach max_seq_len.
     slide=True: the model keeps seeing the last max_seq_len tokens (recomputed without a cache once
@@ -279,7 +402,8 @@ def iter_generate_ids(
     with torch.inference_mode():
         if use_cache:
             most_new = min(options.max_new_tokens, max(context - len(p) for p in fitted))
-            decoder: CachedDecoder | RecomputeDecoder = CachedDecoder(model, fitted, most_new)
+            decoder: CachedDecoder | StaticDecoder | RecomputeDecoder = (
+                StaticDecoder(model, fitted, most_new) if compile else CachedDecoder(model, fitted, most_new))
         else:
             decoder = RecomputeDecoder(model, fitted, context)
         logits = decoder.prefill()
@@ -295,7 +419,7 @@ def iter_generate_ids(
             active = [r for r in results if r.finish_reason is None]
             if not active:
                 return
-            if slide and isinstance(decoder, CachedDecoder) and any(
+            if slide and not isinstance(decoder, RecomputeDecoder) and any(
                     len(r.prompt_tokens) + len(r.tokens) >= context for r in active):
                 # The cache holds at most max_seq_len positions: from here on, recompute the last window.
                 decoder = RecomputeDecoder(model, [r.prompt_tokens + r.tokens for r in results], context)
@@ -346,10 +470,11 @@ def iter_generate(
     *,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    compile: bool = False,
 ) -> Iterator[Piece]:
     """Stream continuations of text prompts: Pieces of text per row, then each row's Generation."""
     yield from iter_generate_ids(model, encode_prompts(tokenizer, prompts), options, eos_id=tokenizer.eos_id,
-                                 tokenizer=tokenizer, generator=generator, use_cache=use_cache)
+                                 tokenizer=tokenizer, generator=generator, use_cache=use_cache, compile=compile)
 
 
 def generate(
@@ -360,11 +485,13 @@ def generate(
     *,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    compile: bool = False,
     on_text: Callable[[int, str], None] | None = None,
 ) -> list[Generation]:
     """Continuations of text prompts, one Generation per prompt in order; on_text(row, piece) streams."""
     results: list[Generation | None] = [None] * len(prompts)
-    for piece in iter_generate(model, tokenizer, prompts, options, generator=generator, use_cache=use_cache):
+    for piece in iter_generate(model, tokenizer, prompts, options, generator=generator, use_cache=use_cache,
+                               compile=compile):
         if piece.text and on_text is not None:
             on_text(piece.row, piece.text)
         if piece.done is not None:

@@ -29,27 +29,34 @@ class MainProcessFilter(logging.Filter):
 class _ConsoleHandler(logging.Handler):
     """Writes each message through tqdm.write, so that a live progress bar is redrawn below it rather than torn.
 
-    The stream is looked up at each record (sys.stdout below WARNING, sys.stderr from it), so redirections made
-    after set-up (pytest's capture, contextlib.redirect_stdout) are honoured."""
+    The stream is looked up at each record (sys.stdout below WARNING, sys.stderr from it, or always sys.stderr for
+    a command whose stdout is its output), so redirections made after set-up (pytest's capture,
+    contextlib.redirect_stdout) are honoured."""
+
+    def __init__(self, all_to_stderr: bool = False):
+        super().__init__()
+        self.all_to_stderr = all_to_stderr
 
     def emit(self, record: logging.LogRecord) -> None:
         from tqdm import tqdm
 
         try:
-            stream = sys.stderr if record.levelno >= logging.WARNING else sys.stdout
+            stream = sys.stderr if self.all_to_stderr or record.levelno >= logging.WARNING else sys.stdout
             tqdm.write(self.format(record), file=stream)
             stream.flush()
         except Exception:  # logging must never take the program down
             self.handleError(record)
 
 
-def setup_logging(level: int = logging.INFO) -> None:
-    """Show llamalite's log lines on the console (called once by the console script; idempotent)."""
+def setup_logging(level: int = logging.INFO, all_to_stderr: bool = False) -> None:
+    """Show llamalite's log lines on the console (called once by the console script; idempotent).
+
+    all_to_stderr: every line on stderr, for commands whose stdout is their output (generate, chat)."""
     logger = logging.getLogger(LOGGER_NAME)
     for handler in list(logger.handlers):
         if isinstance(handler, _ConsoleHandler):
             logger.removeHandler(handler)
-    handler = _ConsoleHandler()
+    handler = _ConsoleHandler(all_to_stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     handler.addFilter(MainProcessFilter())
     logger.addHandler(handler)

@@ -91,6 +91,10 @@ def test_chat_reads_turns_from_stdin_when_not_a_terminal(trained_run, monkeypatc
     assert main(["chat", str(trained_run), "--greedy", "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out == alone.text.strip() + "\n"
 
+    monkeypatch.setattr("sys.stdin", io.StringIO("the queen\n"))
+    assert main(["chat", str(trained_run), "--greedy", "--max-new-tokens", "4", "--compile"]) == 0
+    assert capsys.readouterr().out == alone.text.strip() + "\n"  # the compiled step answers the same
+
 
 def test_interactive_chat_streams_answers_and_obeys_commands(trained_run, monkeypatch):
     from llamalite.chat import run_chat

@@ -127,3 +127,12 @@ def test_openmp_threads_wait_passively_unless_the_user_says_otherwise(given, exp
               "print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert result.stdout.strip().splitlines()[-1] == f"{expected} False"  # set before torch is ever loaded
+
+
+def test_decoding_commands_keep_openmps_own_wait_policy(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    script = ("import os, sys\nimport llamalite.cli as cli\n"
+              f"code = cli.main(['generate', {str(tmp_path)!r}, '--prompt', 'x'])\n"
+              "print(code, os.environ.get('OMP_WAIT_POLICY', 'unset'))")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip().splitlines()[-1] == "2 unset"  # the missing checkpoint fails after the choice

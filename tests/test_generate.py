@@ -9,6 +9,7 @@ from llamalite.generate import (
     CachedDecoder,
     RecomputeDecoder,
     SamplingOptions,
+    StaticDecoder,
     TextStream,
     filter_logits,
     generate,
@@ -16,6 +17,7 @@ from llamalite.generate import (
     iter_generate,
     pick_tokens,
     sample,
+    static_cache_length,
 )
 from llamalite.model.llama import Llama, ModelConfig
 from llamalite.tokenizer import Tokenizer
@@ -87,6 +89,72 @@ def test_greedy_cached_equals_greedy_recompute_tokens():
     alone = [generate_ids(model, [p], options)[0].tokens for p in prompts]
     assert [r.tokens for r in cached] == alone
     assert all(len(r.tokens) == 20 and r.finish_reason == "length" for r in cached)
+
+
+# ---------------------------------------------------------------------------------------- static, compiled decode
+@torch.no_grad()
+def test_static_cache_step_logits_equal_the_growing_cache_at_every_step():
+    """The fixed-shape step (all slots, a mask hiding the unwritten ones) run eagerly: the same logits per step."""
+    torch.manual_seed(0)
+    model = Llama(model_config(97)).eval()
+    prompts = random_prompts([3, 9, 6])
+    continuation = random_prompts([8, 8, 8], seed=1)
+    growing = CachedDecoder(model, prompts, new_positions=8)
+    static = StaticDecoder(model, prompts, new_positions=8, compile=False)
+    assert static.cache.max_len == 32  # the model's context: the power-of-two bucket is capped by it
+    torch.testing.assert_close(static.prefill(), growing.prefill(), rtol=0, atol=0)  # the same eager prefill
+    for step in range(8):
+        fed = torch.tensor([c[step] for c in continuation])
+        torch.testing.assert_close(static.step(fed), growing.step(fed), rtol=1e-5, atol=1e-5)
+
+
+def test_static_cache_lengths_are_few_shapes():
+    assert [static_cache_length(n, 1024) for n in (1, 200, 256, 257, 600, 1024)] == [256, 256, 256, 512, 1024, 1024]
+    assert static_cache_length(300, 288) == 288
+
+
+def test_a_static_cache_needs_positions_and_a_mask():
+    from llamalite.model.kv_cache import StaticKVCache
+
+    model = Llama(model_config(97)).eval()
+    with pytest.raises(ValueError, match="needs explicit positions and an attn_mask"):
+        model(torch.tensor([[1, 2]]), cache=StaticKVCache(2, 1, 32))
+
+
+def test_compiled_decoding_picks_the_eager_tokens_for_each_model():
+    """torch.compile for real (fp32): greedy and seeded sampling give the eager tokens on a padded batch, and a
+    second model of the same shapes gets its own tokens, not the first one's compiled weights."""
+    prompts = random_prompts([4, 11, 1])
+    greedy = SamplingOptions(max_new_tokens=20, **GREEDY)
+    sampled = SamplingOptions(max_new_tokens=20, temperature=0.9, top_k=20)
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = Llama(model_config(97, max_seq_len=64)).eval()
+        eager = [r.tokens for r in generate_ids(model, prompts, greedy)]
+        assert [r.tokens for r in generate_ids(model, prompts, greedy, compile=True)] == eager
+        seeded = [torch.Generator().manual_seed(5) for _ in range(2)]
+        assert ([r.tokens for r in generate_ids(model, prompts, sampled, generator=seeded[0])]
+                == [r.tokens for r in generate_ids(model, prompts, sampled, generator=seeded[1], compile=True)])
+
+
+def test_a_failing_compile_warns_once_and_decodes_eagerly(monkeypatch):
+    import llamalite.generate as generation
+
+    def no_compiler(device_type):
+        def fail(*args):
+            raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found\nmore details")
+        return fail
+
+    monkeypatch.setattr(generation, "compiled_step", no_compiler)
+    torch.manual_seed(0)
+    model = Llama(model_config(97, max_seq_len=64)).eval()
+    prompts = random_prompts([4, 7])
+    options = SamplingOptions(max_new_tokens=12, **GREEDY)
+    with pytest.warns(UserWarning, match=r"compiling the decode step failed \(RuntimeError: InvalidCxxCompiler: "
+                      r"no working C\+\+ compiler found\); decoding without compiling") as warned:
+        fallback = generate_ids(model, prompts, options, compile=True)
+    assert len([w for w in warned if "compiling" in str(w.message)]) == 1
+    assert [r.tokens for r in fallback] == [r.tokens for r in generate_ids(model, prompts, options)]
 
 
 # ---------------------------------------------------------------------------------------- sampling filters
@@ -258,3 +326,20 @@ def test_cli_generate_batches_several_prompts_in_order(trained_run, capsys):
 def test_cli_generate_reports_a_missing_checkpoint(tmp_path, capsys):
     assert main(["generate", str(tmp_path), "--prompt", "x"]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_cli_generate_compiled_and_in_bf16(trained_run, capsys):
+    args = ["generate", str(trained_run), "--prompt", "the king", "--greedy", "--max-new-tokens", "8", "--no-stream"]
+    assert main(args) == 0
+    eager = capsys.readouterr().out
+    assert main(args + ["--compile"]) == 0
+    compiled = capsys.readouterr()
+    assert compiled.out == eager  # stdout is the text alone: the compile's log lines are on stderr
+    assert "compiled the decode step in" in compiled.err
+    assert main(args + ["--dtype", "bf16"]) == 0
+    from llamalite.checkpoint.inference import load_for_inference
+
+    loaded = load_for_inference(trained_run)
+    in_bf16 = generate(loaded.model.to(torch.bfloat16), loaded.tokenizer, ["the king"],
+                       SamplingOptions(max_new_tokens=8, **GREEDY))[0]
+    assert capsys.readouterr().out == "the king" + in_bf16.text + "\n"

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamalite.model.config import ModelConfig
-from llamalite.model.kv_cache import KVCache
+from llamalite.model.kv_cache import DecodeCache, StaticKVCache
 
 
 class RMSNorm(nn.Module):
@@ -68,7 +68,7 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         attn_mask: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: DecodeCache | None = None,
         layer: int = 0,
     ) -> torch.Tensor:
         batch, seq, _ = x.shape
@@ -89,8 +89,8 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
     def _masked_attention(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, cache: KVCache | None,
-        layer: int,
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+        cache: DecodeCache | None, layer: int,
     ) -> torch.Tensor:
         """Attention over cached + new keys (KV heads read once per query group) under an explicit mask.
 
@@ -98,12 +98,14 @@ class Attention(nn.Module):
         position (it sees every cached one), and an offset causal mask for several new positions.
         """
         batch, _, seq, _ = q.shape
-        cached = cache.length if cache is not None else 0
+        is_causal = False
+        if attn_mask is None:  # a static cache always comes with a mask: only a growing one has a length
+            cached = cache.length if cache is not None else 0
+            is_causal = cached == 0
+            if cached > 0 and seq > 1:
+                attn_mask = causal_mask(seq, cached + seq, q.device)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        is_causal = attn_mask is None and cached == 0
-        if attn_mask is None and cached > 0 and seq > 1:
-            attn_mask = causal_mask(seq, cached + seq, q.device)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                              enable_gqa=self.n_kv_head != self.n_head)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
@@ -140,7 +142,7 @@ class Block(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         attn_mask: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: DecodeCache | None = None,
         layer: int = 0,
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache, layer)
@@ -195,7 +197,7 @@ class Llama(nn.Module):
         *,
         positions: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: DecodeCache | None = None,
         output_positions: torch.Tensor | None = None,
         head: bool = True,
     ) -> torch.Tensor:
@@ -209,13 +211,16 @@ class Llama(nn.Module):
             causality itself (block-diagonal causal for packed sequences). Every query row should
             allow at least one key. Default: causal.
         cache: a KVCache; the new keys/values are written after its `length` positions, which
-            then grows by T.
+            then grows by T. Or a StaticKVCache (fixed shapes, for a compiled decode step): written at its
+            `write_at` slots, and positions and attn_mask (over all its slots) are then required.
         output_positions: (B, K) indices into T: logits (B, K, vocab_size) at those positions only. The
             vocabulary projection dominates small models, so scoring a few positions is much cheaper.
         head: False returns the final normalised hidden states (B, T, d_model) instead of logits, for a
             loss that applies `lm_head` itself a chunk at a time.
         """
         seq = tokens.shape[1]
+        if isinstance(cache, StaticKVCache) and (positions is None or attn_mask is None):
+            raise ValueError("a StaticKVCache needs explicit positions and an attn_mask over its max_len slots")
         if positions is None and attn_mask is None and cache is None:
             if seq > self.config.max_seq_len:
                 raise ValueError(f"sequence length {seq} exceeds the model's max_seq_len {self.config.max_seq_len}")
@@ -235,7 +240,7 @@ class Llama(nn.Module):
         return soft_cap(self.lm_head(x), self.config.logit_softcap) if head else x
 
     def _rope_at(
-        self, tokens: torch.Tensor, positions: torch.Tensor | None, cache: KVCache | None
+        self, tokens: torch.Tensor, positions: torch.Tensor | None, cache: DecodeCache | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin of shape (B, 1, T, head_dim) (or (T, head_dim) for consecutive positions)."""
         if positions is None:
