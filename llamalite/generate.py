@@ -256,7 +256,8 @@ class StaticDecoder:
             if isinstance(exc, torch.cuda.OutOfMemoryError):
                 raise
             # Any compiler failure leaves the eager step, which computes the same thing.
-            warnings.warn(f"compiling the decode step failed ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+            first_line = next(iter(str(exc).splitlines()), "")
+            warnings.warn(f"compiling the decode step failed ({type(exc).__name__}: {first_line}); "
                           "decoding without compiling", stacklevel=2)
             self.step_fn = static_step
             return static_step(self.model, self.cache, self.key_valid, self.pad, next_tokens)
