@@ -185,7 +185,7 @@ def compiled_step(device_type: str) -> Callable:
     CPU: inductor with `freezing`, which folds the weights into the graph as constants and prepacks them for
     oneDNN (2x faster bf16 matrix-vector products here; a second copy of the weights in memory). Freezing is read
     from inductor's global config when a graph compiles, so each call sets it for its own duration.
-    CUDA: mode="reduce-overhead", which replays the step as a CUDA graph.
+    CUDA: mode="reduce-overhead", which can replay the step as a CUDA graph (never run here: no GPU so far).
     """
     if device_type not in _COMPILED_STEPS:
         if device_type == "cuda":
@@ -382,6 +382,8 @@ def iter_generate_ids(
         raise ValueError("every prompt needs at least one token (start an empty prompt with the end-of-text token)")
     if options.stop and tokenizer is None:
         raise ValueError("stop strings need a tokenizer to decode the text")
+    if compile and not use_cache:
+        raise ValueError("compile=True needs the KV cache: leave use_cache on")
     context = model.config.max_seq_len
     results, fitted = [], []
     for prompt in prompts:

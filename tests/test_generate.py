@@ -49,6 +49,14 @@ def random_prompts(lengths, vocab=97, seed=0):
     return [torch.randint(1, vocab, (n,), generator=generator).tolist() for n in lengths]
 
 
+def logits_at_every_step(decoder, continuation: list[list[int]]) -> list[torch.Tensor]:
+    """The decoder's logits after its prefill, then after feeding each column of `continuation`."""
+    logits = [decoder.prefill()]
+    for step in range(len(continuation[0])):
+        logits.append(decoder.step(torch.tensor([c[step] for c in continuation])))
+    return logits
+
+
 # ---------------------------------------------------------------------------------------- cache == recompute
 @torch.no_grad()
 def test_batched_cached_logits_equal_each_prompt_run_alone_at_every_step():
@@ -57,15 +65,11 @@ def test_batched_cached_logits_equal_each_prompt_run_alone_at_every_step():
     model = Llama(model_config(97)).eval()
     prompts = random_prompts([3, 9, 6])
     continuation = random_prompts([8, 8, 8], seed=1)
-    batched = CachedDecoder(model, prompts, new_positions=8)
-    logits = batched.prefill()
-    for step in range(9):
+    stepped = logits_at_every_step(CachedDecoder(model, prompts, new_positions=8), continuation)
+    for step, logits in enumerate(stepped):
         for row, prompt in enumerate(prompts):
-            sequence = prompt + continuation[row][:step]
-            alone = model(torch.tensor([sequence]))[0, -1]
+            alone = model(torch.tensor([prompt + continuation[row][:step]]))[0, -1]
             torch.testing.assert_close(logits[row], alone, rtol=1e-5, atol=1e-5)
-        if step < 8:
-            logits = batched.step(torch.tensor([c[step] for c in continuation]))
 
 
 @torch.no_grad()
@@ -99,13 +103,13 @@ def test_static_cache_step_logits_equal_the_growing_cache_at_every_step():
     model = Llama(model_config(97)).eval()
     prompts = random_prompts([3, 9, 6])
     continuation = random_prompts([8, 8, 8], seed=1)
-    growing = CachedDecoder(model, prompts, new_positions=8)
     static = StaticDecoder(model, prompts, new_positions=8, compile=False)
     assert static.cache.max_len == 32  # the model's context: the power-of-two bucket is capped by it
-    torch.testing.assert_close(static.prefill(), growing.prefill(), rtol=0, atol=0)  # the same eager prefill
-    for step in range(8):
-        fed = torch.tensor([c[step] for c in continuation])
-        torch.testing.assert_close(static.step(fed), growing.step(fed), rtol=1e-5, atol=1e-5)
+    static_logits = logits_at_every_step(static, continuation)
+    growing_logits = logits_at_every_step(CachedDecoder(model, prompts, new_positions=8), continuation)
+    torch.testing.assert_close(static_logits[0], growing_logits[0], rtol=0, atol=0)  # the same eager prefill
+    for static_step, growing_step in zip(static_logits[1:], growing_logits[1:]):
+        torch.testing.assert_close(static_step, growing_step, rtol=1e-5, atol=1e-5)
 
 
 def test_static_cache_lengths_are_few_shapes():
@@ -113,12 +117,21 @@ def test_static_cache_lengths_are_few_shapes():
     assert static_cache_length(300, 288) == 288
 
 
-def test_a_static_cache_needs_positions_and_a_mask():
+def test_a_static_cache_needs_positions_a_mask_and_its_slots():
     from llamalite.model.kv_cache import StaticKVCache
 
     model = Llama(model_config(97)).eval()
+    tokens = torch.tensor([[1, 2]])
     with pytest.raises(ValueError, match="needs explicit positions and an attn_mask"):
-        model(torch.tensor([[1, 2]]), cache=StaticKVCache(2, 1, 32))
+        model(tokens, cache=StaticKVCache(2, 1, 32))
+    positions, mask = torch.tensor([[0, 1]]), torch.ones(1, 1, 2, 32, dtype=torch.bool)
+    with pytest.raises(ValueError, match="set the static KV cache's write_at to the 2 slots to write"):
+        model(tokens, positions=positions, attn_mask=mask, cache=StaticKVCache(2, 1, 32))
+
+
+def test_compile_needs_the_kv_cache(model):
+    with pytest.raises(ValueError, match="compile=True needs the KV cache"):
+        generate_ids(model, [[1, 2]], SamplingOptions(max_new_tokens=2, **GREEDY), use_cache=False, compile=True)
 
 
 def test_compiled_decoding_picks_the_eager_tokens_for_each_model():

@@ -14,6 +14,14 @@ from __future__ import annotations
 import torch
 
 
+def empty_buffers(keys: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zeroed key and value buffers of `max_len` positions, shaped, typed and placed like `keys` (B, H, T, D)."""
+    batch, heads, _, head_dim = keys.shape
+    shape = (batch, heads, max_len, head_dim)
+    return (torch.zeros(shape, dtype=keys.dtype, device=keys.device),
+            torch.zeros(shape, dtype=keys.dtype, device=keys.device))
+
+
 class KVCache:
     """Keys and values of the first `length` positions of every row, for each of `n_layer` layers.
 
@@ -40,10 +48,7 @@ class KVCache:
         `length` is advanced by `advance` once every layer has written (Llama.forward does it).
         """
         if self.keys[layer] is None:
-            batch, heads, _, head_dim = keys.shape
-            shape = (batch, heads, self.max_len, head_dim)
-            self.keys[layer] = torch.zeros(shape, dtype=keys.dtype, device=keys.device)
-            self.values[layer] = torch.zeros(shape, dtype=values.dtype, device=values.device)
+            self.keys[layer], self.values[layer] = empty_buffers(keys, self.max_len)
         end = self.length + keys.shape[2]
         cached_keys, cached_values = self.keys[layer], self.values[layer]
         cached_keys[:, :, self.length:end] = keys
@@ -81,10 +86,7 @@ class StaticKVCache:
     def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write (B, n_kv_head, T, head_dim) keys/values at the slots `write_at`; return every slot."""
         if self.keys[layer] is None:
-            batch, heads, _, head_dim = keys.shape
-            shape = (batch, heads, self.max_len, head_dim)
-            self.keys[layer] = torch.zeros(shape, dtype=keys.dtype, device=keys.device)
-            self.values[layer] = torch.zeros(shape, dtype=values.dtype, device=values.device)
+            self.keys[layer], self.values[layer] = empty_buffers(keys, self.max_len)
         self.keys[layer].index_copy_(2, self.write_at, keys)
         self.values[layer].index_copy_(2, self.write_at, values)
         return self.keys[layer], self.values[layer]
