@@ -7,8 +7,12 @@ harness before shared contexts, on the same model, files, examples, dtype and th
 - **lm-evaluation-harness** (`hf` backend, HFLM built once per batch size, so model loading is not timed) on the
   transformers export of the model, with task YAMLs copying its own over the same local files
   (benchmarks/lm_eval_tasks.py); every batch size of `--lm-eval-batch-sizes` is timed and its best is the baseline.
-- **llamalite, one row per choice**: the harness before shared contexts (`share_contexts=False`).
-- **llamalite**: choices of one example share their context's row (the default).
+- **llamalite, one row per choice**: the harness before shared prefixes (`share_prefixes=False`), with today's
+  other savings (the last layer and the output layer only where logits are read, batched tokenization).
+- **llamalite, shared prefixes**: windows that start alike share one row, each token computed once (the default).
+
+Beside the times, the work each contender does: tokens through the transformer layers (padding included) and
+positions through the output layer (lm-evaluation-harness: every position of every request, padding left out).
 
 Each contender runs whole (loading the task files, building and scoring the requests) `--rounds` times, the order
 alternating; the median is kept. The model is the `tiny` preset (the demo's shape), randomly initialised (speed does
@@ -32,6 +36,7 @@ import torch
 
 from llamalite.checkpoint.format import save_checkpoint
 from llamalite.config import Config, DataConfig, EvalConfig
+from llamalite.eval.harness import forward_work
 from llamalite.eval.suite import BenchmarkSuite
 from llamalite.export.hf import export_checkpoint
 from llamalite.model.llama import Llama
@@ -65,12 +70,25 @@ def exported_model(folder: Path, tokenizer: Tokenizer) -> tuple[Llama, Path]:
 
 
 def llamalite_scores(model: Llama, tokenizer_file: Path, tasks: list[str], limit: int, batch_size: int, dtype: str,
-                     share_contexts: bool) -> dict[str, dict[str, float]]:
+                     share_prefixes: bool) -> dict[str, dict[str, float]]:
     suite = BenchmarkSuite(EvalConfig(tasks=tasks, data_dir=str(SHARED / "eval"), limit=limit,
                                       batch_size=batch_size), Tokenizer.load(tokenizer_file))
     results = suite.run(model, model.config.max_seq_len, CPU, autocast_context(CPU, dtype),
-                        share_contexts=share_contexts)
+                        share_prefixes=share_prefixes)
     return {task: {k: v for k, v in r.metrics.items() if k in ("acc", "acc_norm")} for task, r in results.items()}
+
+
+def work(tokenizer_file: Path, tasks: list[str], limit: int, max_length: int, batch_size: int) -> dict[str, tuple]:
+    """Contender -> (tokens through the layers, positions through the output layer), summed over the tasks."""
+    suite = BenchmarkSuite(EvalConfig(tasks=tasks, data_dir=str(SHARED / "eval"), limit=limit, batch_size=batch_size),
+                           Tokenizer.load(tokenizer_file))
+    requests = [request for task in suite.tasks for request in task.scored()[1]]
+    windows = sum(len((context + continuation)[-(max_length + 1):][:-1]) for context, continuation in requests)
+    counts = {"lm-evaluation-harness hf": (windows, windows)}
+    for name, share in (("llamalite, one row per choice", False), ("llamalite, shared prefixes", True)):
+        per_task = [forward_work(task.scored()[1], max_length, batch_size, share) for task in suite.tasks]
+        counts[name] = tuple(map(sum, zip(*per_task)))
+    return counts
 
 
 def lm_eval_scores(lm, task_dir: Path, tasks: list[str], limit: int) -> dict[str, dict[str, float]]:
@@ -120,14 +138,15 @@ def main() -> None:
                                                                                                  args.limit))
                       for size, lm in lms.items()}
         contenders["llamalite, one row per choice"] = lambda: llamalite_scores(
-            model, tokenizer_file, tasks, args.limit, args.batch_size, args.dtype, share_contexts=False)
-        contenders["llamalite, choices share the context"] = lambda: llamalite_scores(
-            model, tokenizer_file, tasks, args.limit, args.batch_size, args.dtype, share_contexts=True)
+            model, tokenizer_file, tasks, args.limit, args.batch_size, args.dtype, share_prefixes=False)
+        contenders["llamalite, shared prefixes"] = lambda: llamalite_scores(
+            model, tokenizer_file, tasks, args.limit, args.batch_size, args.dtype, share_prefixes=True)
 
         print(f"torch {torch.__version__}, lm_eval {lm_eval.__version__}, {torch.get_num_threads()} threads, dtype "
               f"{args.dtype}, MALLOC_MMAP_MAX_={os.environ.get('MALLOC_MMAP_MAX_', 'unset')}, "
               f"MALLOC_TRIM_THRESHOLD_={os.environ.get('MALLOC_TRIM_THRESHOLD_', 'unset')}, load average "
               f"{os.getloadavg()[0]:.2f} at start")
+        counts = work(tokenizer_file, tasks, args.limit, model.config.max_seq_len, args.batch_size)
         print(f"model: tiny preset, {args.tokenizer} tokenizer (vocabulary {model.config.vocab_size:,}; "
               f"{model.num_parameters():,} parameters); tasks {tasks}, the first {args.limit} examples of each\n")
         for run in contenders.values():  # warm-up: datasets cached, kernels loaded
@@ -150,6 +169,9 @@ def main() -> None:
     for name in contenders:
         print(f"| {name} | {median[name]:.2f} | {examples / median[name]:.1f} "
               f"| {median[lm_eval_best] / median[name]:.2f}x | {median[before] / median[name]:.2f}x |")
+    print("\n| contender | tokens through the layers | positions through the output layer |\n|---|---:|---:|")
+    for name, (tokens, outputs) in counts.items():
+        print(f"| {name} | {tokens:,} | {outputs:,} |")
     print()
     reference = scores[lm_eval_best]
     for name, values in scores.items():

@@ -1,8 +1,11 @@
 """Batched log-likelihood scoring and the metrics of lm-evaluation-harness.
 
-Every (context, continuation) pair of every example becomes one row. Rows are sorted by length, right-padded
-and scored many at a time, so the choices of many examples share a forward pass; right padding never changes
-a causal model's logits at the positions that are read. Tokenization, left truncation to the model's context,
+Every (context, continuation) pair of every example is scored as lm-evaluation-harness scores it alone, but
+without computing anything twice: the pairs' token windows are sorted, and windows that start alike (the choices
+of one example, examples with a common preamble) share one row in which each token is computed once, after its
+prefix, at its own position, attending to its own prefix only (a tree in depth-first order); short windows fill
+a row together. Rows are sorted by length, right-padded and scored many at a time, the logits computed once at
+each position that is read. Tokenization, left truncation to the model's context,
 acc (argmax of summed log-likelihood), acc_norm (divided by the choice's length in characters), the standard
 error of the mean, LAMBADA's accuracy (greedy continuation) and perplexity (exp of minus the mean
 log-likelihood) follow lm-evaluation-harness 0.4 (`HFLM._encode_pair`, `_loglikelihood_tokens`,
@@ -28,7 +31,9 @@ from llamalite.errors import EvalError
 from llamalite.eval.tasks import LOGLIKELIHOOD, Example, TaskSpec
 from llamalite.tokenizer import Tokenizer
 
-# The model, compiled or not: (tokens (B, T), output_positions=(B, K)) -> logits (B, K, V) at those positions.
+# The model, compiled or not: (tokens (B, T), output_positions=(B, K)) -> logits (B, K, V) at those positions. A
+# model with `output_logits` (a Llama) is asked for hidden states (head=False) instead, so that its output layer
+# runs at the read positions alone, not at the padding of rows that read fewer.
 LogitsFn = Callable[..., torch.Tensor]
 
 
@@ -49,52 +54,111 @@ def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[
     is what follows the context's own encoding; an empty context becomes the BOS token (lm-evaluation-harness's
     prefix_token_id: the end-of-text token for GPT-2-style tokenizers).
     """
-    if context == "":
-        continuation_ids = tokenizer.encode(continuation)
-        if continuation_ids and continuation_ids[0] == tokenizer.bos_id:
-            return continuation_ids[:1], continuation_ids[1:]
-        return [tokenizer.bos_id], continuation_ids
+    return encode_pairs(tokenizer, [(context, continuation)])[0]
+
+
+def encode_pairs(tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+    """encode_pair of every pair, each distinct text encoded once, all in one batch."""
+    moved = [_move_trailing_spaces(context, continuation) if context else (None, continuation)
+             for context, continuation in pairs]
+    texts = list(dict.fromkeys(text for context, continuation in moved if context is not None
+                               for text in (context, context + continuation)))
+    ids = dict(zip(texts, tokenizer.encode_sequences(texts)))
+    encoded = []
+    for context, continuation in moved:
+        if context is None:
+            encoded.append(_after_empty_context(tokenizer, continuation))
+        else:
+            context_ids = ids[context]
+            encoded.append((context_ids, ids[context + continuation][len(context_ids):]))
+    return encoded
+
+
+def _move_trailing_spaces(context: str, continuation: str) -> tuple[str, str]:
     spaces = len(context) - len(context.rstrip())
-    if spaces:
-        context, continuation = context[:-spaces], context[-spaces:] + continuation
-    whole = tokenizer.encode_sequence(context + continuation)
-    context_ids = tokenizer.encode_sequence(context)
-    return context_ids, whole[len(context_ids):]
+    return (context[:-spaces], context[-spaces:] + continuation) if spaces else (context, continuation)
+
+
+def _after_empty_context(tokenizer: Tokenizer, continuation: str) -> tuple[list[int], list[int]]:
+    continuation_ids = tokenizer.encode(continuation)
+    if continuation_ids and continuation_ids[0] == tokenizer.bos_id:
+        return continuation_ids[:1], continuation_ids[1:]
+    return [tokenizer.bos_id], continuation_ids
 
 
 def example_requests(tokenizer: Tokenizer, examples: Sequence[Example]) -> list[tuple[list[int], list[int]]]:
-    pairs = [(ctx, cont) for ex in examples for ctx, cont in zip(ex.contexts, ex.continuations)]
-    return [encode_pair(tokenizer, ctx, cont) for ctx, cont in pairs]
+    return encode_pairs(tokenizer, [(ctx, cont) for ex in examples for ctx, cont in zip(ex.contexts, ex.continuations)])
 
 
-# ------------------------------------------------------------------------------------------------ scoring
+# ------------------------------------------------------------------------------------------------ rows
+# The cost of a token in a batch padded to width W, relative to a token's linear layers, is 1 + W / ATTENTION_WIDTH:
+# its attention grows with the width (measured on the tiny preset; the wider a model, the less attention weighs).
+ATTENTION_WIDTH = 1000.0
+
+
 @dataclass(frozen=True)
 class _Scored:
-    """One request inside a row: the row positions whose logits predict its continuation, and the continuation."""
+    """One request inside a row: the row's output slots whose logits predict its continuation, and the continuation."""
 
     index: int
-    outputs: list[int]
+    slots: list[int]
     targets: list[int]
 
 
 @dataclass(frozen=True)
 class _Row:
-    """One sequence of a forward pass: a context and the continuations scored against it.
+    """One sequence of a forward pass: the windows of one or more requests as a forest of shared prefixes.
 
-    A single continuation is lm-evaluation-harness's row, (context + continuation)[-(max_length + 1):][:-1]. Several
-    continuations of one context share it: the context once, then each continuation but its last token, each
-    attending to the context and to itself only, at the positions it would have alone (`segments` says which piece
-    each token belongs to: 0 the context, i the i-th continuation). Every log-likelihood is the one the request would
-    get alone; the context is computed once instead of once per choice."""
+    A request's window is lm-evaluation-harness's row, (context + continuation)[-(max_length + 1):][:-1]. Windows
+    that start alike share those tokens: each token is stored once, after its prefix (depth first), sits at its
+    position in its own window and attends to its own prefix only, so its hidden state, and every log-likelihood,
+    is the one it gets in a row of its own. A multiple-choice context is computed once instead of once per choice,
+    choices that start alike share their first tokens, examples that start alike share those, and short windows
+    fill a row instead of padding."""
 
     inputs: list[int]
+    positions: list[int]  # each token's position in its own window
+    ends: list[int]  # one past each token's subtree: queries ends[k] and later cannot see key k
+    outputs: list[int]  # the row indices whose logits are read, each once
     scored: list[_Scored]
-    positions: list[int] | None = None  # None: 0, 1, ... (a single continuation)
-    segments: list[int] | None = None  # None: causal over the whole row
 
     @property
-    def shared(self) -> bool:
-        return self.segments is not None
+    def chain(self) -> bool:
+        """One window: causal attention at positions 0, 1, ..."""
+        return self.positions[-1] == len(self.inputs) - 1
+
+
+class _RowBuilder:
+    """Adds windows in sorted order, each after the tokens it shares with the window added before it."""
+
+    def __init__(self) -> None:
+        self.inputs: list[int] = []
+        self.positions: list[int] = []
+        self.parents: list[int] = []
+        self.path: list[int] = []  # the row indices of the last window's tokens
+        self.slots: dict[int, int] = {}  # row index -> output slot
+        self.scored: list[_Scored] = []
+
+    def add(self, index: int, window: list[int], continuation: list[int], shared: int) -> None:
+        """Add request `index`, whose window begins with `shared` tokens of the window added last."""
+        path = self.path[:shared]
+        for position in range(shared, len(window)):
+            self.parents.append(path[-1] if path else -1)
+            path.append(len(self.inputs))
+            self.inputs.append(window[position])
+            self.positions.append(position)
+        self.path = path
+        predicting = path[len(window) - len(continuation):]
+        self.scored.append(_Scored(index, [self.slots.setdefault(node, len(self.slots)) for node in predicting],
+                                   continuation))
+
+    def row(self) -> _Row:
+        ends = list(range(1, len(self.inputs) + 1))
+        for node in reversed(range(len(self.inputs))):  # depth first: a subtree ends where its last child's does
+            parent = self.parents[node]
+            if parent >= 0:
+                ends[parent] = max(ends[parent], ends[node])
+        return _Row(self.inputs, self.positions, ends, list(self.slots), self.scored)
 
 
 def _check_request(index: int, continuation: list[int], max_length: int) -> None:
@@ -105,77 +169,115 @@ def _check_request(index: int, continuation: list[int], max_length: int) -> None
                         "evaluate this task with a model of a longer context (model.max_seq_len)")
 
 
-def _single_row(index: int, context: list[int], continuation: list[int], max_length: int) -> _Row:
-    window = (context + continuation)[-(max_length + 1):]  # left truncation, as lm-evaluation-harness does
-    inputs = window[:-1]
-    end = len(inputs)
-    return _Row(inputs, [_Scored(index, list(range(end - len(continuation), end)), continuation)])
-
-
-def _shared_row(context: list[int], requests: list[tuple[int, list[int]]]) -> _Row:
-    inputs, positions, segments = list(context), list(range(len(context))), [0] * len(context)
-    scored = []
-    for segment, (index, continuation) in enumerate(requests, start=1):
-        start = len(inputs)
-        piece = continuation[:-1]  # the last token is only ever predicted
-        inputs += piece
-        positions += range(len(context), len(context) + len(piece))
-        segments += [segment] * len(piece)
-        scored.append(_Scored(index, [len(context) - 1, *range(start, start + len(piece))], continuation))
-    return _Row(inputs, scored, positions, segments)
-
-
-def _rows(requests: Sequence[tuple[list[int], list[int]]], max_length: int, share_contexts: bool = True) -> list[_Row]:
-    """The rows that score `requests`: requests with the same context share one row where it fits the model's
-    context without truncation, else each gets its own."""
-    by_context: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
+def _windows(requests: Sequence[tuple[list[int], list[int]]], max_length: int) -> list[list[int]]:
+    """Each request's model input: context + continuation but its last token, left-truncated to the context."""
+    windows = []
     for index, (context, continuation) in enumerate(requests):
         _check_request(index, continuation, max_length)
-        by_context.setdefault(tuple(context), []).append((index, continuation))
+        windows.append((context + continuation)[-(max_length + 1):][:-1])
+    return windows
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    length = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        length += 1
+    return length
+
+
+def _row_ranges(lengths: list[int], shared: list[int], width: int) -> list[range]:
+    """Runs of the sorted windows (their `lengths`; `shared[k]` tokens in common with window k - 1), one row each, of
+    at most `width` tokens (a longer window has a row of its own): the fewest tokens in all, then the fewest rows,
+    so a row ends where its windows share least."""
+    new = [length - common for length, common in zip(lengths, shared)]
+    best, start = [0.0] * (len(lengths) + 1), [0] * (len(lengths) + 1)
+    for end in range(1, len(lengths) + 1):
+        best[end], later = math.inf, 0  # later: the new tokens of windows first + 1 .. end - 1
+        for first in range(end - 1, -1, -1):
+            tokens = lengths[first] + later
+            if tokens > width and first < end - 1:
+                break
+            cost = best[first] + tokens + 0.5  # half a token a row: of equal token counts, fewer rows
+            if cost < best[end]:
+                best[end], start[end] = cost, first
+            later += new[first]
+    ranges, end = [], len(lengths)
+    while end > 0:
+        ranges.append(range(start[end], end))
+        end = start[end]
+    return ranges[::-1]
+
+
+def _forward_cost(row_lengths: list[int], batch_size: int) -> float:
+    """The estimated cost, in tokens, of scoring rows longest first, `batch_size` at a time, each padded to the
+    longest of its batch."""
+    lengths = sorted(row_lengths, reverse=True)
+    return sum(len(lengths[i:i + batch_size]) * lengths[i] * (1 + lengths[i] / ATTENTION_WIDTH)
+               for i in range(0, len(lengths), batch_size))
+
+
+def _row_widths(max_length: int) -> list[int]:
+    """Row widths to try: 32, 48, 64, 96, ... up to the model's context."""
+    widths = [width for power in range(5, 20) for width in (2 ** power, 3 * 2 ** (power - 1)) if width < max_length]
+    return [*widths, max_length]
+
+
+def _rows(requests: Sequence[tuple[list[int], list[int]]], max_length: int, batch_size: int = 1,
+          share_prefixes: bool = True) -> list[_Row]:
+    """The rows that score `requests`. With `share_prefixes`, the windows in sorted order are split into runs that
+    share their common prefixes in one row each (`_row_ranges`), at the row width of the least estimated cost
+    (`_forward_cost`); without, every window is a row of its own."""
+    windows = _windows(requests, max_length)
+    if share_prefixes:
+        order = sorted(range(len(windows)), key=windows.__getitem__)
+        shared = [0] + [_common_prefix(windows[a], windows[b]) for a, b in itertools.pairwise(order)]
+        lengths = [len(windows[i]) for i in order]
+        plans = [_row_ranges(lengths, shared, width) for width in _row_widths(max_length)]
+        ranges = min(plans, key=lambda plan: _forward_cost(
+            [lengths[run.start] + sum(lengths[k] - shared[k] for k in run[1:]) for run in plan], batch_size))
+    else:
+        order, shared, ranges = list(range(len(windows))), [0] * len(windows), [range(k, k + 1) for k in
+                                                                               range(len(windows))]
     rows = []
-    for context, group in by_context.items():
-        shared_length = len(context) + sum(len(continuation) - 1 for _, continuation in group)
-        if share_contexts and len(group) > 1 and shared_length <= max_length:
-            rows.append(_shared_row(list(context), group))
-        else:
-            rows += [_single_row(index, list(context), continuation, max_length) for index, continuation in group]
+    for run in ranges:
+        builder = _RowBuilder()
+        for k in run:
+            builder.add(order[k], windows[order[k]], requests[order[k]][1], shared[k] if k > run.start else 0)
+        rows.append(builder.row())
     return rows
 
 
-def _attention_mask(row: _Row, width: int) -> torch.Tensor:
-    """(width, width) True where a query may attend a key: earlier tokens of the context and of its own piece;
-    padding attends to itself only."""
-    segments = torch.full((width,), -1, dtype=torch.long)
-    segments[:len(row.inputs)] = torch.tensor(row.segments if row.segments is not None else [0] * len(row.inputs))
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
-    same_piece = (segments[:, None] == segments[None, :]) | (segments[None, :] == 0)
-    padding = segments < 0
-    return (causal & same_piece & ~padding[:, None]) | torch.diag(padding)
+def forward_work(requests: Sequence[tuple[list[int], list[int]]], max_length: int, batch_size: int,
+                 share_prefixes: bool = True) -> tuple[int, int]:
+    """What scoring `requests` with a Llama computes: tokens through the transformer layers (padding included) and
+    positions through the output layer."""
+    rows = sorted(_rows(requests, max_length, batch_size, share_prefixes), key=lambda row: -len(row.inputs))
+    batches = [rows[start:start + batch_size] for start in range(0, len(rows), batch_size)]
+    return sum(len(batch) * len(batch[0].inputs) for batch in batches), sum(len(row.outputs) for row in rows)
 
 
 def _batch_tensors(batch: list[_Row]) -> dict[str, torch.Tensor | None]:
-    """Right-padded tokens (B, T); per row, the positions whose logits predict a continuation (B, K), the ids there
-    and the request each belongs to (-1 past the row's last); RoPE positions and masks where a row is shared."""
+    """Right-padded tokens (B, T) and the positions whose logits are read (B, K); RoPE positions and the attention
+    mask (B, 1, T, T) unless every row is a single window (then causal attention does)."""
     width = max(len(row.inputs) for row in batch)
-    count = max(sum(len(s.targets) for s in row.scored) for row in batch)
     tokens = torch.zeros(len(batch), width, dtype=torch.long)
-    outputs = torch.zeros(len(batch), count, dtype=torch.long)
-    targets = torch.full((len(batch), count), -1, dtype=torch.long)
-    owners = torch.full((len(batch), count), -1, dtype=torch.long)
+    outputs = torch.zeros(len(batch), max(len(row.outputs) for row in batch), dtype=torch.long)
     for i, row in enumerate(batch):
         tokens[i, :len(row.inputs)] = torch.tensor(row.inputs)
-        flat_outputs = [p for s in row.scored for p in s.outputs]
-        outputs[i, :len(flat_outputs)] = torch.tensor(flat_outputs)
-        targets[i, :len(flat_outputs)] = torch.tensor([t for s in row.scored for t in s.targets])
-        owners[i, :len(flat_outputs)] = torch.tensor([s.index for s in row.scored for _ in s.targets])
-    tensors: dict[str, torch.Tensor | None] = {"tokens": tokens, "outputs": outputs, "targets": targets,
-                                               "owners": owners, "positions": None, "attn_mask": None}
-    if any(row.shared for row in batch):
+        outputs[i, :len(row.outputs)] = torch.tensor(row.outputs)
+    tensors: dict[str, torch.Tensor | None] = {"tokens": tokens, "outputs": outputs, "positions": None,
+                                               "attn_mask": None}
+    if not all(row.chain for row in batch):
         positions = torch.zeros(len(batch), width, dtype=torch.long)
+        ends = torch.arange(1, width + 1).repeat(len(batch), 1)  # padding sees itself only
         for i, row in enumerate(batch):
-            positions[i, :len(row.inputs)] = torch.tensor(row.positions or range(len(row.inputs)))
+            positions[i, :len(row.inputs)] = torch.tensor(row.positions)
+            ends[i, :len(row.inputs)] = torch.tensor(row.ends)
+        query, key = torch.arange(width)[:, None], torch.arange(width)[None, :]
         tensors["positions"] = positions
-        tensors["attn_mask"] = torch.stack([_attention_mask(row, width) for row in batch]).unsqueeze(1)
+        tensors["attn_mask"] = ((key <= query) & (query < ends[:, None, :])).unsqueeze(1)
     return tensors
 
 
@@ -202,16 +304,17 @@ def score_requests(
     device: torch.device,
     autocast: Any = None,
     progress: str | None = None,
-    share_contexts: bool = True,
+    share_prefixes: bool = True,
 ) -> list[tuple[float, bool]]:
     """(sum of log-probabilities of the continuation, whether greedy decoding would produce it) per request.
 
-    Requests with one context share a row (`share_contexts`); rows are sorted longest first and scored
-    `batch_size` at a time; under torch.distributed each rank scores a share and all ranks receive every score.
-    With `progress` (its label) and a terminal, a bar counts the requests (one per choice of each example) with an
-    ETA.
+    With `share_prefixes`, requests share the tokens their windows start with (see `_Row`); rows are sorted
+    longest first and scored `batch_size` at a time; under torch.distributed each rank scores a share and all ranks
+    receive every score. With `progress` (its label) and a terminal, a bar counts the requests (one per choice of
+    each example) with an ETA.
     """
-    rows = sorted(_rows(requests, max_length, share_contexts), key=lambda r: (-len(r.inputs), r.scored[0].index))
+    rows = sorted(_rows(requests, max_length, batch_size, share_prefixes),
+                  key=lambda r: (-len(r.inputs), r.scored[0].index))
     mine = _shard_for_rank(rows)
     scores: dict[int, tuple[float, bool]] = {}
     show = progress is not None and sys.stderr.isatty()
@@ -219,31 +322,41 @@ def score_requests(
                dynamic_ncols=True)
     for start in range(0, len(mine), batch_size):
         batch = mine[start:start + batch_size]
-        scores.update(_score_batch(logits_fn, _batch_tensors(batch), device, autocast))
+        scores.update(_score_batch(logits_fn, batch, device, autocast))
         bar.update(sum(len(row.scored) for row in batch))
     bar.close()
     scores = _gather_from_ranks(scores)
     return [scores[i] for i in range(len(requests))]
 
 
-def _score_batch(logits_fn: LogitsFn, tensors: dict[str, torch.Tensor | None], device: torch.device,
+def _score_batch(logits_fn: LogitsFn, batch: list[_Row], device: torch.device,
                  autocast: Any) -> dict[int, tuple[float, bool]]:
-    extra = {name: tensors[name].to(device) for name in ("positions", "attn_mask") if tensors[name] is not None}
-    targets, owners = tensors["targets"].to(device), tensors["owners"]
+    tensors = {name: t.to(device) for name, t in _batch_tensors(batch).items() if t is not None}
+    tokens, outputs = tensors.pop("tokens"), tensors.pop("outputs")
+    read = (torch.arange(outputs.shape[1]) < torch.tensor([len(row.outputs) for row in batch])[:, None]).to(device)
+    output_logits = getattr(logits_fn, "output_logits", None)
     with autocast if autocast is not None else contextlib.nullcontext():
-        logits = logits_fn(tensors["tokens"].to(device), output_positions=tensors["outputs"].to(device), **extra)
-    log_probs = F.log_softmax(logits.float(), dim=-1)
-    token_ll = log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1).cpu()
-    token_greedy = (log_probs.argmax(-1) == targets).cpu()
-    scores = {}
-    for row, row_owners in enumerate(owners.tolist()):  # each request's tokens are contiguous within its row
-        start = 0
-        for index, group in itertools.groupby(row_owners):
-            end = start + len(list(group))
-            if index >= 0:
-                scores[index] = (float(token_ll[row, start:end].sum()), bool(token_greedy[row, start:end].all()))
-            start = end
-    return scores
+        if output_logits is not None:
+            logits = output_logits(logits_fn(tokens, output_positions=outputs, head=False, **tensors)[read])
+        else:
+            logits = logits_fn(tokens, output_positions=outputs, **tensors)[read]
+    # Two reading passes over the (read positions, V) logits, no log-softmax written: log p = logit - logsumexp.
+    logits = logits.float()
+    greedy_ids, normalisers = logits.argmax(-1), torch.logsumexp(logits, dim=-1)
+    offsets = itertools.accumulate((len(row.outputs) for row in batch), initial=0)
+    scored = [(offset, s) for offset, row in zip(offsets, batch) for s in row.scored]
+    longest = max(len(s.targets) for _, s in scored)
+    picks = torch.zeros(len(scored), longest, dtype=torch.long)
+    targets = torch.full((len(scored), longest), -1, dtype=torch.long)
+    for i, (offset, s) in enumerate(scored):
+        picks[i, :len(s.slots)] = torch.tensor(s.slots) + offset
+        targets[i, :len(s.targets)] = torch.tensor(s.targets)
+    picks, targets = picks.to(device), targets.to(device)
+    valid = targets >= 0
+    token_log_probs = logits[picks, targets.clamp(min=0)] - normalisers[picks]
+    token_ll = token_log_probs.masked_fill(~valid, 0.0).sum(-1).tolist()
+    greedy = ((greedy_ids[picks] == targets) | ~valid).all(-1).tolist()
+    return {s.index: (ll, match) for (_, s), ll, match in zip(scored, token_ll, greedy)}
 
 
 # ------------------------------------------------------------------------------------------------ metrics

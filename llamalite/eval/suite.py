@@ -135,16 +135,16 @@ class BenchmarkSuite:
         return {task.spec.name: task.available for task in self.tasks}
 
     def run(self, logits_fn: LogitsFn, max_length: int, device: torch.device,
-            autocast: Any = None, share_contexts: bool = True) -> dict[str, TaskResult]:
+            autocast: Any = None, share_prefixes: bool = True) -> dict[str, TaskResult]:
         """Every task scored with the model; every request was checked against `max_length` first (`fit`).
-        share_contexts=False scores every choice in a row of its own (the harness before shared contexts)."""
+        share_prefixes=False scores every request in a row of its own (the harness before shared prefixes)."""
         self.fit(max_length)
         results = {}
         for task in self.tasks:
             examples, requests = task.scored()
             scores = score_requests(logits_fn, requests, max_length, self.eval_cfg.batch_size, device, autocast,
                                     progress=f"{task.spec.name} ({len(examples)} examples)",
-                                    share_contexts=share_contexts)
+                                    share_prefixes=share_prefixes)
             results[task.spec.name] = task_metrics(task.spec, examples, scores)
         return results
 

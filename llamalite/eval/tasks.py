@@ -190,13 +190,20 @@ def task_data_fingerprint(spec: TaskSpec, path: Path | None) -> str:
     return f"sha256:{sha256_file(path)}" if path is not None else f"hub:{':'.join(map(str, spec.hub))}"
 
 
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """JSON Lines, a JSON array (or {"data": [...]}), or Parquet, as a list of records."""
+def read_records(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
+    """JSON Lines, a JSON array (or {"data": [...]}), or Parquet, as a list of records; with `limit`, the first
+    `limit` (lines of JSON Lines past it are not parsed)."""
+    return read_records_counted(path, limit)[0]
+
+
+def read_records_counted(path: Path, limit: int | None = None) -> tuple[list[dict[str, Any]], int]:
+    """read_records, and how many records the file holds."""
     name = path.name.lower()
     if name.endswith(".parquet"):
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
+        records = pq.read_table(path).to_pylist()
+        return records[:limit], len(records)
     text = path.read_text(encoding="utf-8")
     if name.endswith(".json"):
         try:
@@ -206,16 +213,16 @@ def read_records(path: Path) -> list[dict[str, Any]]:
         if isinstance(data, dict) and isinstance(data.get("data"), list):
             data = data["data"]
         if isinstance(data, list):
-            return data
+            return data[:limit], len(data)
+    lines = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
     records = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise DataError(f"{path} line {number} is not JSON: task files are JSON Lines, a JSON array "
-                                "or Parquet in the task's Hugging Face schema") from None
-    return records
+    for number, line in lines[:limit]:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise DataError(f"{path} line {number} is not JSON: task files are JSON Lines, a JSON array "
+                            "or Parquet in the task's Hugging Face schema") from None
+    return records, len(lines)
 
 
 def read_hub(spec: TaskSpec) -> list[dict[str, Any]]:
@@ -239,13 +246,14 @@ def load_examples(spec: TaskSpec, path: Path | None, limit: int | None = None) -
 
 def load_task(spec: TaskSpec, path: Path | None, limit: int | None = None) -> tuple[list[Example], int]:
     """load_examples, and how many records the task's data holds before the limit."""
-    records = read_records(path) if path is not None else read_hub(spec)
+    if path is not None:
+        records, available = read_records_counted(path, limit)
+    else:
+        records = read_hub(spec)
+        available, records = len(records), records[:limit]
     where = str(path) if path is not None else spec.hub[0]
-    if not records:
+    if not available:
         raise DataError(f"{where} holds no records for task {spec.name}")
-    available = len(records)
-    if limit is not None:
-        records = records[:limit]
     return [_build_example(spec, record, where, index) for index, record in enumerate(records)], available
 
 

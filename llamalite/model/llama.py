@@ -70,14 +70,23 @@ class Attention(nn.Module):
         attn_mask: torch.Tensor | None = None,
         cache: DecodeCache | None = None,
         layer: int = 0,
+        queries: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Attention output (B, T, d_model); with `queries` (B, K) indices into T, at those positions only (every
+        position's key and value are still computed and cached)."""
         batch, seq, _ = x.shape
-        q = self.q_proj(x).view(batch, seq, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q_cos, q_sin = cos, sin
+        if queries is not None:
+            x = x.gather(1, queries.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+            q_cos, q_sin = rows_at(cos, queries), rows_at(sin, queries)
+            cached = cache.length if attn_mask is None and cache is not None else 0  # a static cache has a mask
+            attn_mask = query_mask(attn_mask, queries, seq, cached)
+        q = self.q_proj(x).view(batch, x.shape[1], self.n_head, self.head_dim).transpose(1, 2)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, q_cos, q_sin), apply_rope(k, cos, sin)
         if cache is not None or attn_mask is not None:
             return self._masked_attention(q, k, v, attn_mask, cache, layer)
         if self.n_kv_head != self.n_head:
@@ -86,7 +95,7 @@ class Attention(nn.Module):
             k = k.repeat_interleave(repeats, dim=1)
             v = v.repeat_interleave(repeats, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))  # every position is a query here
 
     def _masked_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
@@ -109,6 +118,22 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                              enable_gqa=self.n_kv_head != self.n_head)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+def rows_at(table: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """The RoPE rows (B, 1, K, head_dim) of `queries` (B, K) from cos or sin of shape (T, head_dim) or (B, 1, T, hd)."""
+    if table.dim() == 2:
+        return table[queries].unsqueeze(1)
+    return torch.take_along_dim(table, queries[:, None, :, None], dim=2)
+
+
+def query_mask(attn_mask: torch.Tensor | None, queries: torch.Tensor, seq: int, cached: int) -> torch.Tensor:
+    """The rows of the attention mask (B, 1, K, S) for `queries` (B, K): of `attn_mask` where given, else causal
+    over `cached` earlier keys and the `seq` new ones."""
+    if attn_mask is not None:
+        return torch.take_along_dim(attn_mask, queries[:, None, :, None], dim=2)
+    keys = torch.arange(cached + seq, device=queries.device)
+    return (keys <= (queries + cached)[:, :, None]).unsqueeze(1)
 
 
 def causal_mask(queries: int, keys: int, device: torch.device | None = None) -> torch.Tensor:
@@ -144,8 +169,13 @@ class Block(nn.Module):
         attn_mask: torch.Tensor | None = None,
         cache: DecodeCache | None = None,
         layer: int = 0,
+        queries: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache, layer)
+        """The block's output (B, T, d_model); with `queries` (B, K), at those positions only."""
+        attended = self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache, layer, queries)
+        if queries is not None:
+            x = x.gather(1, queries.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        x = x + attended
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -214,7 +244,8 @@ class Llama(nn.Module):
             then grows by T. Or a StaticKVCache (fixed shapes, for a compiled decode step): written at its
             `write_at` slots, and positions and attn_mask (over all its slots) are then required.
         output_positions: (B, K) indices into T: logits (B, K, vocab_size) at those positions only. The
-            vocabulary projection dominates small models, so scoring a few positions is much cheaper.
+            vocabulary projection dominates small models, so scoring a few positions is much cheaper; the last
+            layer, too, computes its queries, output projection and MLP at those positions only.
         head: False returns the final normalised hidden states (B, T, d_model) instead of logits, for a
             loss that applies `lm_head` itself a chunk at a time.
         """
@@ -230,14 +261,18 @@ class Llama(nn.Module):
         if cache is not None:
             cache.check_room(seq)
         x = self.embed_tokens(tokens)
+        last = len(self.layers) - 1
         for index, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, attn_mask, cache, index)
+            # Only the read positions need the last layer's output: the others feed no later layer.
+            x = layer(x, cos, sin, attn_mask, cache, index, output_positions if index == last else None)
         if cache is not None:
             cache.advance(seq)
-        if output_positions is not None:
-            x = x.gather(1, output_positions.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         x = self.norm(x)
-        return soft_cap(self.lm_head(x), self.config.logit_softcap) if head else x
+        return self.output_logits(x) if head else x
+
+    def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits (..., vocab_size) from final hidden states (..., d_model), as forward(head=False) returns them."""
+        return soft_cap(self.lm_head(hidden), self.config.logit_softcap)
 
     def _rope_at(
         self, tokens: torch.Tensor, positions: torch.Tensor | None, cache: DecodeCache | None

@@ -6,7 +6,15 @@ import torch
 import torch.nn.functional as F
 
 from llamalite.config import EvalConfig
-from llamalite.eval.harness import encode_pair, mean_stderr, score_requests, task_metrics, validation_metrics
+from llamalite.eval.harness import (
+    _rows,
+    encode_pair,
+    encode_pairs,
+    mean_stderr,
+    score_requests,
+    task_metrics,
+    validation_metrics,
+)
 from llamalite.eval.suite import BenchmarkSuite
 from llamalite.eval.tasks import TASKS, Example
 from llamalite.model.llama import Llama, ModelConfig
@@ -98,20 +106,80 @@ def test_choices_sharing_a_context_score_as_if_alone(batch_size):
     shared = score_requests(model, requests, 24, batch_size, CPU)
     for (ll, greedy), (want_ll, want_greedy) in zip(shared, expected):
         assert ll == pytest.approx(want_ll, abs=1e-4) and greedy == want_greedy
-    unshared = score_requests(model, requests, 24, batch_size, CPU, share_contexts=False)
+    unshared = score_requests(model, requests, 24, batch_size, CPU, share_prefixes=False)
     assert [g for _, g in unshared] == [g for _, g in shared]
 
 
-def test_a_shared_row_holds_the_context_once_and_each_choice_at_its_own_positions():
-    from llamalite.eval.harness import _attention_mask, _rows
+def prefix_sharing_requests(count: int, seed: int = 0):
+    """Requests whose windows start alike in every way tasks make them: choices that begin with the same tokens
+    (PIQA), contexts that differ near the end before one continuation (Winogrande), a preamble common to many
+    examples, the same window split at another point, and exact duplicates."""
+    rng = random.Random(seed)
+    preamble = [rng.randrange(300) for _ in range(5)]
+    requests = []
+    for _ in range(count):
+        context = preamble[:rng.randint(0, 5)] + [rng.randrange(300) for _ in range(rng.randint(1, 12))]
+        stem = [rng.randrange(300) for _ in range(rng.randint(0, 4))]
+        requests += [(context, stem + [rng.randrange(300) for _ in range(rng.randint(1, 3))]) for _ in range(3)]
+        ending = [rng.randrange(300) for _ in range(rng.randint(1, 4))]
+        requests += [(context[:-1] + [rng.randrange(300)], ending), (context, ending)]
+        whole = context + ending
+        requests += [(whole[:len(context) + 1], whole[len(context) + 1:] or [5]), requests[-1]]
+    return requests
 
-    (row,) = _rows([([1, 2, 3], [7, 8]), ([1, 2, 3], [9]), ([1, 2, 3], [4, 5, 6])], max_length=24)
-    assert row.inputs == [1, 2, 3, 7, 4, 5] and row.positions == [0, 1, 2, 3, 3, 4]
-    assert [(s.outputs, s.targets) for s in row.scored] == [([2, 3], [7, 8]), ([2], [9]), ([2, 4, 5], [4, 5, 6])]
-    mask = _attention_mask(row, 7)
-    assert mask[4].tolist() == [True, True, True, False, True, False, False]  # choice 3 does not see choice 1
-    assert mask[6].tolist() == [False] * 6 + [True]  # padding sees itself only
-    assert len(_rows([([1, 2, 3], [7, 8]), ([1, 2, 3], [9])], max_length=3)) == 2  # 3 + 1 + 0 > 3: alone
+
+@pytest.mark.parametrize("batch_size", [1, 6, 64])
+def test_shared_prefixes_score_as_if_alone(batch_size):
+    model, requests = small_model(), prefix_sharing_requests(25)  # some windows exceed 24 tokens: truncated
+    expected = naive_scores(model, requests, 24)
+    for (ll, greedy), (want_ll, want_greedy) in zip(score_requests(model, requests, 24, batch_size, CPU), expected):
+        assert ll == pytest.approx(want_ll, abs=1e-4) and greedy == want_greedy
+    # A plain function (no output_logits: logits at every padded output slot) scores the same.
+    plain = score_requests(lambda tokens, **kwargs: model(tokens, **kwargs), requests, 24, batch_size, CPU)
+    assert [ll for ll, _ in plain] == pytest.approx([ll for ll, _ in expected], abs=1e-4)
+    assert [greedy for _, greedy in plain] == [greedy for _, greedy in expected]
+
+
+def one_pair(tokenizer, context, continuation):
+    """lm-evaluation-harness's split, one text at a time (HFLM._encode_pair with the prefix token rule)."""
+    if context == "":
+        ids = tokenizer.encode(continuation)
+        return (ids[:1], ids[1:]) if ids and ids[0] == tokenizer.bos_id else ([tokenizer.bos_id], ids)
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole, context_ids = tokenizer.encode_sequence(context + continuation), tokenizer.encode_sequence(context)
+    return context_ids, whole[len(context_ids):]
+
+
+def test_encode_pairs_encodes_each_text_once_in_a_batch_with_the_same_ids(tokenizer):
+    pairs = [("the cat ", "sat"), ("the cat ", "ran"), ("", " the dog"), ("  ", "mat"), ("the dog", " ran to it"),
+             ("the dog", " ran to it"), ("a", "")]
+    assert encode_pairs(tokenizer, pairs) == [one_pair(tokenizer, *pair) for pair in pairs]
+
+
+def test_windows_that_start_alike_share_those_tokens_each_at_its_own_position():
+    from llamalite.eval.harness import _batch_tensors
+
+    requests = [([1, 2, 3], [7, 8]), ([1, 2, 3], [9]), ([1, 2, 3], [4, 5, 6]), ([1, 2, 5], [6])]
+    (row,) = _rows(requests, max_length=24)
+    # windows [1,2,3,7], [1,2,3], [1,2,3,4,5], [1,2,5]: a tree, depth first
+    assert row.inputs == [1, 2, 3, 4, 5, 7, 5] and row.positions == [0, 1, 2, 3, 4, 3, 2]
+    assert row.outputs == [2, 3, 4, 5, 6]  # every read position once, though three requests read position 2
+    by_request = {s.index: ([row.outputs[slot] for slot in s.slots], s.targets) for s in row.scored}
+    assert by_request == {0: ([2, 5], [7, 8]), 1: ([2], [9]), 2: ([2, 3, 4], [4, 5, 6]), 3: ([6], [6])}
+    mask = _batch_tensors([row, _rows([([1], [2])], 24)[0]])["attn_mask"]
+    assert mask[0, 0, 5].tolist() == [True, True, True, False, False, True, False]  # 7 sees 1 2 3, not 4 5
+    assert mask[0, 0, 6].tolist() == [True, True] + [False] * 4 + [True]  # the last 5 sees 1 2 only
+    assert mask[1, 0, 3].tolist() == [False] * 3 + [True] + [False] * 3  # padding sees itself only
+
+
+def test_unrelated_short_windows_fill_a_row_and_long_ones_stay_apart():
+    short = [([i, 1], [2]) for i in range(20)]  # 20 windows of 2 tokens, nothing in common but the first
+    assert len(_rows(short, max_length=256, batch_size=4)) < 20
+    long = [([i] * 200, [2]) for i in range(3)]
+    assert len(_rows(long, max_length=256, batch_size=4)) == 3  # 400 tokens would not fit 256
+    assert len(_rows(short, max_length=256, share_prefixes=False)) == 20
 
 
 def test_greedy_is_true_when_the_continuation_is_the_argmax():
@@ -195,8 +263,9 @@ def test_ranks_score_shares_and_all_receive_every_score(tmp_path):
 
     mp.spawn(_score_on_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
     expected = score_requests(small_model(), random_requests(30, seed=7), 24, 4, CPU)
+    rows = len(_rows(random_requests(30, seed=7), 24, 4))
     for rank in range(2):
         got, scored = torch.load(tmp_path / f"rank{rank}.pt")
-        assert scored == 15  # its share only
+        assert scored == (rows + 1 - rank) // 2  # its share of the rows only
         assert [g for _, g in got] == [g for _, g in expected]
         assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in expected], abs=1e-4)

@@ -166,3 +166,30 @@ def test_logit_softcap_bounds_the_logits_and_the_chunked_loss_applies_it():
     assert torch.allclose(chunked, lm_loss(logits, targets), atol=1e-6)
     with pytest.raises(ConfigError, match="logit_softcap must be positive"):
         Llama(small_config(logit_softcap=0.0))
+
+
+def test_output_positions_give_the_full_logits_there_causal_masked_and_cached():
+    """The last layer computes only the read positions; the logits there are the full forward's."""
+    from llamalite.model.kv_cache import KVCache
+
+    torch.manual_seed(0)
+    model = Llama(small_config(qk_norm=True)).eval()
+    tokens = torch.randint(0, 97, (2, 10))
+    reads = torch.tensor([[0, 4, 9], [3, 3, 7]])
+    with torch.no_grad():
+        full = model(tokens)
+        expected = full.gather(1, reads[..., None].expand(-1, -1, 97))
+        torch.testing.assert_close(model(tokens, output_positions=reads), expected)
+
+        positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4]] * 2)  # two packed sequences of 5
+        block = torch.block_diag(*[torch.ones(5, 5, dtype=torch.bool).tril()] * 2)[None, None].expand(2, 1, -1, -1)
+        packed = model(tokens, positions=positions, attn_mask=block)
+        torch.testing.assert_close(model(tokens, positions=positions, attn_mask=block, output_positions=reads),
+                                   packed.gather(1, reads[..., None].expand(-1, -1, 97)))
+
+        cache, reference = KVCache(2, 2, 16), KVCache(2, 2, 16)
+        model(tokens[:, :4], cache=cache, output_positions=torch.tensor([[3], [3]]))
+        model(tokens[:, :4], cache=reference)
+        torch.testing.assert_close(cache.keys, reference.keys)  # every position's key is still cached
+        later = model(tokens[:, 4:], cache=cache, output_positions=reads[:, :2].clamp(max=5))
+        torch.testing.assert_close(later, full[:, 4:].gather(1, reads[:, :2, None].clamp(max=5).expand(-1, -1, 97)))
