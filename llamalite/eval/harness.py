@@ -134,31 +134,28 @@ class _RowBuilder:
     def __init__(self) -> None:
         self.inputs: list[int] = []
         self.positions: list[int] = []
-        self.parents: list[int] = []
+        self.ends: list[int] = []  # final once a token leaves the path; tokens on the path end with the row
         self.path: list[int] = []  # the row indices of the last window's tokens
         self.slots: dict[int, int] = {}  # row index -> output slot
         self.scored: list[_Scored] = []
 
     def add(self, index: int, window: list[int], continuation: list[int], shared: int) -> None:
         """Add request `index`, whose window begins with `shared` tokens of the window added last."""
-        path = self.path[:shared]
-        for position in range(shared, len(window)):
-            self.parents.append(path[-1] if path else -1)
-            path.append(len(self.inputs))
-            self.inputs.append(window[position])
-            self.positions.append(position)
-        self.path = path
-        predicting = path[len(window) - len(continuation):]
+        start = len(self.inputs)
+        for node in self.path[shared:]:  # the subtrees this window branches away from are complete
+            self.ends[node] = start
+        self.inputs += window[shared:]
+        self.positions += range(shared, len(window))
+        self.ends += [0] * (len(window) - shared)
+        self.path = self.path[:shared] + list(range(start, len(self.inputs)))
+        predicting = self.path[len(window) - len(continuation):]
         self.scored.append(_Scored(index, [self.slots.setdefault(node, len(self.slots)) for node in predicting],
                                    continuation))
 
     def row(self) -> _Row:
-        ends = list(range(1, len(self.inputs) + 1))
-        for node in reversed(range(len(self.inputs))):  # depth first: a subtree ends where its last child's does
-            parent = self.parents[node]
-            if parent >= 0:
-                ends[parent] = max(ends[parent], ends[node])
-        return _Row(self.inputs, self.positions, ends, list(self.slots), self.scored)
+        for node in self.path:
+            self.ends[node] = len(self.inputs)
+        return _Row(self.inputs, self.positions, self.ends, list(self.slots), self.scored)
 
 
 def _check_request(index: int, continuation: list[int], max_length: int) -> None:
@@ -224,6 +221,21 @@ def _row_widths(max_length: int) -> list[int]:
     return [*widths, max_length]
 
 
+def _cheapest_plan(lengths: list[int], shared: list[int], max_length: int, batch_size: int) -> list[range]:
+    """_row_ranges at the row width of the least _forward_cost, trying widths upwards until two in a row cost more
+    than the best so far."""
+    best: tuple[float, list[range]] = (math.inf, [])
+    worse = 0
+    for width in _row_widths(max_length):
+        plan = _row_ranges(lengths, shared, width)
+        cost = _forward_cost([lengths[run.start] + sum(lengths[k] - shared[k] for k in run[1:]) for run in plan],
+                             batch_size)
+        best, worse = ((cost, plan), 0) if cost < best[0] else (best, worse + 1)
+        if worse == 2:
+            break
+    return best[1]
+
+
 def _rows(requests: Sequence[tuple[list[int], list[int]]], max_length: int, batch_size: int = 1,
           share_prefixes: bool = True) -> list[_Row]:
     """The rows that score `requests`. With `share_prefixes`, the windows in sorted order are split into runs that
@@ -234,9 +246,7 @@ def _rows(requests: Sequence[tuple[list[int], list[int]]], max_length: int, batc
         order = sorted(range(len(windows)), key=windows.__getitem__)
         shared = [0] + [_common_prefix(windows[a], windows[b]) for a, b in itertools.pairwise(order)]
         lengths = [len(windows[i]) for i in order]
-        plans = [_row_ranges(lengths, shared, width) for width in _row_widths(max_length)]
-        ranges = min(plans, key=lambda plan: _forward_cost(
-            [lengths[run.start] + sum(lengths[k] - shared[k] for k in run[1:]) for run in plan], batch_size))
+        ranges = _cheapest_plan(lengths, shared, max_length, batch_size)
     else:
         order, shared, ranges = list(range(len(windows))), [0] * len(windows), [range(k, k + 1) for k in
                                                                                range(len(windows))]
