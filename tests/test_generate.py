@@ -58,13 +58,16 @@ def logits_at_every_step(decoder, continuation: list[list[int]]) -> list[torch.T
 
 
 # ---------------------------------------------------------------------------------------- cache == recompute
+def ragged_batch() -> tuple[Llama, list[list[int]], list[list[int]]]:
+    """A small model, three prompts of 3, 9 and 6 tokens (left-padded when batched) and 8 tokens to feed each."""
+    torch.manual_seed(0)
+    return Llama(model_config(97)).eval(), random_prompts([3, 9, 6]), random_prompts([8, 8, 8], seed=1)
+
+
 @torch.no_grad()
 def test_batched_cached_logits_equal_each_prompt_run_alone_at_every_step():
     """Left-padded rows of different lengths: every decode step's logits equal that row's full recompute."""
-    torch.manual_seed(0)
-    model = Llama(model_config(97)).eval()
-    prompts = random_prompts([3, 9, 6])
-    continuation = random_prompts([8, 8, 8], seed=1)
+    model, prompts, continuation = ragged_batch()
     stepped = logits_at_every_step(CachedDecoder(model, prompts, new_positions=8), continuation)
     for step, logits in enumerate(stepped):
         for row, prompt in enumerate(prompts):
@@ -99,10 +102,7 @@ def test_greedy_cached_equals_greedy_recompute_tokens():
 @torch.no_grad()
 def test_static_cache_step_logits_equal_the_growing_cache_at_every_step():
     """The fixed-shape step (all slots, a mask hiding the unwritten ones) run eagerly: the same logits per step."""
-    torch.manual_seed(0)
-    model = Llama(model_config(97)).eval()
-    prompts = random_prompts([3, 9, 6])
-    continuation = random_prompts([8, 8, 8], seed=1)
+    model, prompts, continuation = ragged_batch()
     static = StaticDecoder(model, prompts, new_positions=8, compile=False)
     assert static.cache.max_len == 32  # the model's context: the power-of-two bucket is capped by it
     static_logits = logits_at_every_step(static, continuation)

@@ -84,6 +84,9 @@ class BenchmarkSuite:
     def __init__(self, eval_cfg: EvalConfig, tokenizer: Tokenizer, task_names: Iterable[str] | None = None,
                  max_length: int | None = None):
         """With `max_length` (the model's context), every request is checked against it now (see `fit`)."""
+        if eval_cfg.limit is not None and eval_cfg.limit < 1:
+            raise EvalError(f"eval.limit (--limit) must be a positive number of examples per task, got "
+                            f"{eval_cfg.limit}: leave it unset to score every example")
         self.eval_cfg = eval_cfg
         self.tokenizer = tokenizer
         self.fitted_to: int | None = None

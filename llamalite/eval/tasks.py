@@ -190,14 +190,14 @@ def task_data_fingerprint(spec: TaskSpec, path: Path | None) -> str:
     return f"sha256:{sha256_file(path)}" if path is not None else f"hub:{':'.join(map(str, spec.hub))}"
 
 
-def read_records(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
-    """JSON Lines, a JSON array (or {"data": [...]}), or Parquet, as a list of records; with `limit`, the first
-    `limit` (lines of JSON Lines past it are not parsed)."""
-    return read_records_counted(path, limit)[0]
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """JSON Lines, a JSON array (or {"data": [...]}), or Parquet, as a list of records."""
+    return read_records_counted(path)[0]
 
 
 def read_records_counted(path: Path, limit: int | None = None) -> tuple[list[dict[str, Any]], int]:
-    """read_records, and how many records the file holds."""
+    """The first `limit` records (all with None) and how many the file holds; lines of JSON Lines past the limit
+    are counted, not parsed."""
     name = path.name.lower()
     if name.endswith(".parquet"):
         import pyarrow.parquet as pq

@@ -99,3 +99,9 @@ def test_a_task_with_no_document_that_fits_is_an_error_even_when_skipping(tokeni
     cfg = EvalConfig(tasks=["piqa"], task_files=task_files(tmp_path, every_long=True), skip_too_long=True)
     with pytest.raises(EvalError, match="every document of piqa"):
         BenchmarkSuite(cfg, tokenizer, max_length=MAX_LENGTH)
+
+
+@pytest.mark.parametrize("limit", [0, -3])
+def test_a_limit_below_one_is_a_clear_error(tokenizer, tmp_path, limit):
+    with pytest.raises(EvalError, match="must be a positive number of examples"):
+        BenchmarkSuite(EvalConfig(tasks=["piqa"], task_files=task_files(tmp_path), limit=limit), tokenizer)

@@ -182,6 +182,15 @@ def test_unrelated_short_windows_fill_a_row_and_long_ones_stay_apart():
     assert len(_rows(short, max_length=256, share_prefixes=False)) == 20
 
 
+def test_forward_work_counts_padded_tokens_and_each_read_position_once():
+    from llamalite.eval.harness import forward_work
+
+    requests = [([1, 2, 3], [7, 8]), ([1, 2, 3], [9]), ([4, 5], [6])]  # windows [1,2,3,7], [1,2,3], [4,5]
+    assert forward_work(requests, 24, batch_size=1, share_prefixes=False) == (4 + 3 + 2, 2 + 1 + 1)
+    assert forward_work(requests, 24, batch_size=2, share_prefixes=False) == (2 * 4 + 2, 2 + 1 + 1)
+    assert forward_work(requests, 24, batch_size=8) == (4 + 2, 2 + 1)  # one row: 1 2 3 7 | 4 5; position 2 read once
+
+
 def test_greedy_is_true_when_the_continuation_is_the_argmax():
     model = small_model()
     context = [5, 9, 17]

@@ -3,7 +3,15 @@ import json
 import pytest
 
 from llamalite.errors import DataError
-from llamalite.eval.tasks import TASKS, get_task, load_examples, read_records, resolve_tasks, task_source
+from llamalite.eval.tasks import (
+    TASKS,
+    get_task,
+    load_examples,
+    load_task,
+    read_records,
+    resolve_tasks,
+    task_source,
+)
 from tests.conftest import SHARED_DATA
 
 
@@ -98,6 +106,16 @@ def test_json_array_parquet_and_jsonl_read_alike(tmp_path):
     for name in ("a.jsonl", "a.json", "a.parquet"):
         assert read_records(tmp_path / name) == records
     assert len(load_examples(TASKS["piqa"], tmp_path / "a.parquet", limit=2)) == 2
+
+
+def test_a_limit_parses_json_lines_up_to_it_and_counts_them_all(tmp_path):
+    records = [{"goal": f"g{i}", "sol1": "a", "sol2": "b", "label": i % 2} for i in range(5)]
+    path = tmp_path / "piqa.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n\n" for r in records[:3]) + json.dumps(records[3]) + "\n{broken\n")
+    examples, available = load_task(TASKS["piqa"], path, limit=2)
+    assert [e.contexts[0] for e in examples] == ["Question: g0\nAnswer:", "Question: g1\nAnswer:"] and available == 5
+    with pytest.raises(DataError, match="line 8 is not JSON"):
+        load_task(TASKS["piqa"], path)
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "eval").is_dir(), reason="../shared/data not present")
