@@ -26,9 +26,10 @@ import statistics
 import time
 
 import torch
+from torch._inductor import config as inductor_config
 
 from llamalite.export.hf import hf_config, hf_tensors
-from llamalite.generate import SamplingOptions, generate_ids
+from llamalite.generate import CPU_INDUCTOR_SETTINGS, SamplingOptions, generate_ids
 from llamalite.model.llama import Llama, ModelConfig
 from llamalite.model.presets import get_preset
 
@@ -66,9 +67,12 @@ def ours(model: Llama, use_cache: bool = True, compile: bool = False):
 
 def transformers_generate(hf: torch.nn.Module, compiled: bool = False):
     """generate(); compiled: with its static cache and its own torch.compile of the forward (transformers only
-    compiles on accelerators unless told to compile on every device)."""
-    extra = {}
+    compiles on accelerators unless told to compile on every device), under the inductor settings of llamalite's
+    compiled step (max-autotune with the C++ GEMM template) but freezing, which its static cache rules out."""
+    extra, settings = {}, {}
     if compiled:
+        # Freezing would fold its static cache, which generate() writes, into the graph as a constant: left out.
+        settings = {key: value for key, value in CPU_INDUCTOR_SETTINGS.items() if key != "freezing"}
         from transformers import CompileConfig
 
         compile_config = CompileConfig(fullgraph=True, dynamic=False, mode="default")
@@ -77,7 +81,7 @@ def transformers_generate(hf: torch.nn.Module, compiled: bool = False):
 
     def run(prompt: list[int], new_tokens: int) -> list[int]:
         ids = torch.tensor([prompt])
-        with torch.inference_mode():
+        with torch.inference_mode(), inductor_config.patch(settings):
             out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                               min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **extra)
         return out[0, len(prompt):].tolist()

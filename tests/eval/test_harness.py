@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from llamalite.config import EvalConfig
+from llamalite.eval import harness
 from llamalite.eval.harness import (
     _rows,
     encode_pair,
@@ -189,6 +190,17 @@ def test_forward_work_counts_padded_tokens_and_each_read_position_once():
     assert forward_work(requests, 24, batch_size=1, share_prefixes=False) == (4 + 3 + 2, 2 + 1 + 1)
     assert forward_work(requests, 24, batch_size=2, share_prefixes=False) == (2 * 4 + 2, 2 + 1 + 1)
     assert forward_work(requests, 24, batch_size=8) == (4 + 2, 2 + 1)  # one row: 1 2 3 7 | 4 5; position 2 read once
+
+
+def test_logits_made_and_read_a_few_positions_at_a_time_score_the_same(monkeypatch):
+    model, requests = small_model(), prefix_sharing_requests(10, seed=1)
+    whole = score_requests(model, requests, 24, 64, CPU)
+    plain_model = lambda tokens, **kwargs: model(tokens, **kwargs)  # noqa: E731 (no output_logits)
+    monkeypatch.setattr(harness, "LOGIT_CHUNK_POSITIONS", 3)
+    for scorer in (model, plain_model):
+        chunked = score_requests(scorer, requests, 24, 64, CPU)
+        assert [ll for ll, _ in chunked] == pytest.approx([ll for ll, _ in whole], abs=1e-5)
+        assert [greedy for _, greedy in chunked] == [greedy for _, greedy in whole]
 
 
 def test_greedy_is_true_when_the_continuation_is_the_argmax():

@@ -86,5 +86,8 @@ def test_compiled_step_matches_eager(corpus_dir, prepared_dir, tmp_path):
         loss_eager, _ = eager.train_step()
         loss_compiled, _ = compiled.train_step()
         assert loss_compiled == pytest.approx(loss_eager, rel=1e-4)
+    # AdamW divides by sqrt(v) + 1e-8, so a rounding-level difference in a gradient near zero moves its weight by a
+    # visible fraction of the learning rate (3e-3): one weight in 2,048 differed by 1.2e-5 on a Sapphire Rapids CPU.
+    # A wrong compiled gradient would move many weights by about the learning rate itself.
     for p_eager, p_compiled in zip(eager.model.parameters(), compiled.model.parameters()):
-        torch.testing.assert_close(p_eager, p_compiled, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(p_eager, p_compiled, rtol=1e-4, atol=1e-4)
