@@ -605,7 +605,11 @@ class Trainer:
                 break
             stop_signal, save_due = self._agree(self._stop_signal or 0, int(self._checkpoint_due()))
             self._stop_signal = stop_signal or None
-            if self._stop_signal is not None:
+            if self._stop_signal is not None and last:
+                # Arrived during the last step or its final evaluation: the run is complete, nothing to resume.
+                logger.info("%s arrived after the last step: the run is complete",
+                            signal.Signals(self._stop_signal).name)
+            elif self._stop_signal is not None:
                 result.checkpoint = self.save(run_dir)
                 name = signal.Signals(self._stop_signal).name
                 metrics.event(self.step, "stopped", signal=name, checkpoint=result.checkpoint.name)

@@ -98,6 +98,23 @@ def test_sigterm_saves_and_stops_then_resume_finishes_identically(corpus_dir, pr
     assert events(run_dir) == ["start", "stopped", "resume"]
 
 
+def test_sigterm_during_the_final_evaluation_completes_the_run(corpus_dir, prepared_dir, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    trainer = Trainer(config_for(corpus_dir, prepared_dir, run_dir, max_steps=4, save_interval=0))
+    original_callbacks = trainer._run_callbacks
+
+    def callbacks_then_preempt(force=False):
+        original_callbacks(force=force)
+        if trainer.step == 4:  # the final evaluation has run
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(trainer, "_run_callbacks", callbacks_then_preempt)
+    result = trainer.fit()
+    assert result.stopped_by is None and result.steps == 4
+    assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["step_0000004"]
+    assert events(run_dir) == ["start"]
+
+
 def test_corrupted_newest_checkpoint_falls_back_to_the_previous(corpus_dir, prepared_dir, tmp_path, caplog):
     straight = tmp_path / "straight"
     Trainer(config_for(corpus_dir, prepared_dir, straight, max_steps=6)).fit()
