@@ -1,7 +1,7 @@
 """Decode throughput on this machine: llamalite's compiled static decode step, its eager KV cache, and its
 whole-sequence recompute, against transformers' LlamaForCausalLM.generate() on the same weights, eager and with its
-static cache + torch.compile. Batch 1, greedy, random weights, a fixed prompt, every path generating exactly the
-same number of new tokens.
+static cache + torch.compile (under our step's max-autotune settings). Batch 1, greedy, random weights, a fixed
+prompt, every path generating exactly the same number of new tokens.
 
     MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184 .venv/bin/python benchmarks/generate_throughput.py \
         --presets tiny,124m --dtype bf16 --skip-recompute 124m

@@ -258,9 +258,9 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int) -> N
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weight dtype (default: fp32)")
     p.add_argument("--compile", action="store_true",
-                   help="decode with a compiled step of fixed shapes: 1.5-2.5x the tokens/s on a CPU after a first "
-                   "compile of 7-20 s per batch size and cache length, so it pays off from a few thousand tokens per "
-                   "process; the same tokens in fp32 (default: off; see docs/generation.md)")
+                   help="decode with a compiled step of fixed shapes: 1.9-3x the eager tokens/s on a CPU after a "
+                   "first compile of 10-50 s per batch size and cache length, so it pays off from a few thousand "
+                   "tokens per process; the same tokens in fp32 (default: off; see docs/generation.md)")
 
 
 def add_force_argument(p: argparse.ArgumentParser) -> None:

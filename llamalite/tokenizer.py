@@ -154,13 +154,16 @@ class Tokenizer:
     def encode_sequence(self, text: str) -> list[int]:
         """The ids of `text` as the start of what the model reads: `start_ids` first (the BOS rule); an empty text
         without start ids is the BOS id alone, so a model always has a token to predict from."""
-        return [*self._start_ids, *self.encode(text)] or [self._bos_id]
+        return self._as_sequence(self.encode(text))
 
     def encode_sequences(self, texts: list[str]) -> list[list[int]]:
         """encode_sequence() of each text, in one batch (tokenizers' own: building tiktoken's encoding would cost more
         than a few thousand texts take)."""
         encodings = self._inner.encode_batch_fast(texts, add_special_tokens=False)
-        return [[*self._start_ids, *encoding.ids] or [self._bos_id] for encoding in encodings]
+        return [self._as_sequence(encoding.ids) for encoding in encodings]
+
+    def _as_sequence(self, ids: list[int]) -> list[int]:
+        return [*self._start_ids, *ids] or [self._bos_id]
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         """encode() of each text as a uint32 array; through tiktoken where it gives the same ids (GPT-2-style

@@ -248,8 +248,8 @@ def _rows(requests: Sequence[tuple[list[int], list[int]]], max_length: int, batc
         lengths = [len(windows[i]) for i in order]
         ranges = _cheapest_plan(lengths, shared, max_length, batch_size)
     else:
-        order, shared, ranges = list(range(len(windows))), [0] * len(windows), [range(k, k + 1) for k in
-                                                                               range(len(windows))]
+        order, shared = list(range(len(windows))), [0] * len(windows)
+        ranges = [range(k, k + 1) for k in order]
     rows = []
     for run in ranges:
         builder = _RowBuilder()
@@ -259,11 +259,18 @@ def _rows(requests: Sequence[tuple[list[int], list[int]]], max_length: int, batc
     return rows
 
 
+def _sorted_rows(requests: Sequence[tuple[list[int], list[int]]], max_length: int, batch_size: int,
+                 share_prefixes: bool) -> list[_Row]:
+    """_rows, longest first (ties in request order): the order in which they are batched."""
+    return sorted(_rows(requests, max_length, batch_size, share_prefixes),
+                  key=lambda row: (-len(row.inputs), row.scored[0].index))
+
+
 def forward_work(requests: Sequence[tuple[list[int], list[int]]], max_length: int, batch_size: int,
                  share_prefixes: bool = True) -> tuple[int, int]:
     """What scoring `requests` with a Llama computes: tokens through the transformer layers (padding included) and
     positions through the output layer."""
-    rows = sorted(_rows(requests, max_length, batch_size, share_prefixes), key=lambda row: -len(row.inputs))
+    rows = _sorted_rows(requests, max_length, batch_size, share_prefixes)
     batches = [rows[start:start + batch_size] for start in range(0, len(rows), batch_size)]
     return sum(len(batch) * len(batch[0].inputs) for batch in batches), sum(len(row.outputs) for row in rows)
 
@@ -323,9 +330,7 @@ def score_requests(
     receive every score. With `progress` (its label) and a terminal, a bar counts the requests (one per choice of
     each example) with an ETA.
     """
-    rows = sorted(_rows(requests, max_length, batch_size, share_prefixes),
-                  key=lambda r: (-len(r.inputs), r.scored[0].index))
-    mine = _shard_for_rank(rows)
+    mine = _shard_for_rank(_sorted_rows(requests, max_length, batch_size, share_prefixes))
     scores: dict[int, tuple[float, bool]] = {}
     show = progress is not None and sys.stderr.isatty()
     bar = tqdm(total=sum(len(row.scored) for row in mine), desc=progress, unit="req", disable=not show, leave=False,
@@ -351,14 +356,7 @@ def _score_batch(logits_fn: LogitsFn, batch: list[_Row], device: torch.device,
             read_rows = logits_fn(tokens, output_positions=outputs, head=False, **tensors)[read]
         else:
             read_rows = logits_fn(tokens, output_positions=outputs, **tensors)[read]
-    offsets = itertools.accumulate((len(row.outputs) for row in batch), initial=0)
-    scored = [(offset, s) for offset, row in zip(offsets, batch) for s in row.scored]
-    longest = max(len(s.targets) for _, s in scored)
-    picks = torch.zeros(len(scored), longest, dtype=torch.long)
-    targets = torch.full((len(scored), longest), -1, dtype=torch.long)
-    for i, (offset, s) in enumerate(scored):
-        picks[i, :len(s.slots)] = torch.tensor(s.slots) + offset
-        targets[i, :len(s.targets)] = torch.tensor(s.targets)
+    scored, picks, targets = _picks_and_targets(batch)
     picks, targets = picks.to(device), targets.to(device)
     valid = targets >= 0
     target_logits, normalisers, greedy_ids = _read_logits(read_rows, output_logits, autocast, picks[valid],
@@ -367,7 +365,21 @@ def _score_batch(logits_fn: LogitsFn, batch: list[_Row], device: torch.device,
     token_log_probs[valid] = target_logits - normalisers[picks[valid]]
     token_ll = token_log_probs.sum(-1).tolist()
     greedy = ((greedy_ids[picks] == targets) | ~valid).all(-1).tolist()
-    return {s.index: (ll, match) for (_, s), ll, match in zip(scored, token_ll, greedy)}
+    return {s.index: (ll, match) for s, ll, match in zip(scored, token_ll, greedy)}
+
+
+def _picks_and_targets(batch: list[_Row]) -> tuple[list[_Scored], torch.Tensor, torch.Tensor]:
+    """The batch's requests, and per request (padded with -1 targets) the read positions, counted over the batch's
+    read positions row after row, that predict its continuation's tokens, and those tokens."""
+    offsets = itertools.accumulate((len(row.outputs) for row in batch), initial=0)
+    scored = [(offset, s) for offset, row in zip(offsets, batch) for s in row.scored]
+    longest = max(len(s.targets) for _, s in scored)
+    picks = torch.zeros(len(scored), longest, dtype=torch.long)
+    targets = torch.full((len(scored), longest), -1, dtype=torch.long)
+    for i, (offset, s) in enumerate(scored):
+        picks[i, :len(s.slots)] = torch.tensor(s.slots) + offset
+        targets[i, :len(s.targets)] = torch.tensor(s.targets)
+    return [s for _, s in scored], picks, targets
 
 
 # Read positions whose logits are made and read together: with a 4,096-id vocabulary a chunk (4 MB in fp32) is read

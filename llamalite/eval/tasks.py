@@ -190,14 +190,9 @@ def task_data_fingerprint(spec: TaskSpec, path: Path | None) -> str:
     return f"sha256:{sha256_file(path)}" if path is not None else f"hub:{':'.join(map(str, spec.hub))}"
 
 
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """JSON Lines, a JSON array (or {"data": [...]}), or Parquet, as a list of records."""
-    return read_records_counted(path)[0]
-
-
-def read_records_counted(path: Path, limit: int | None = None) -> tuple[list[dict[str, Any]], int]:
-    """The first `limit` records (all with None) and how many the file holds; lines of JSON Lines past the limit
-    are counted, not parsed."""
+def read_records(path: Path, limit: int | None = None) -> tuple[list[dict[str, Any]], int]:
+    """JSON Lines, a JSON array (or {"data": [...]}), or Parquet: the first `limit` records (all with None) and how
+    many the file holds; lines of JSON Lines past the limit are counted, not parsed."""
     name = path.name.lower()
     if name.endswith(".parquet"):
         import pyarrow.parquet as pq
@@ -247,7 +242,7 @@ def load_examples(spec: TaskSpec, path: Path | None, limit: int | None = None) -
 def load_task(spec: TaskSpec, path: Path | None, limit: int | None = None) -> tuple[list[Example], int]:
     """load_examples, and how many records the task's data holds before the limit."""
     if path is not None:
-        records, available = read_records_counted(path, limit)
+        records, available = read_records(path, limit)
     else:
         records = read_hub(spec)
         available, records = len(records), records[:limit]

@@ -104,7 +104,8 @@ def test_json_array_parquet_and_jsonl_read_alike(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps(records))
     pq.write_table(pa.Table.from_pylist(records), tmp_path / "a.parquet")
     for name in ("a.jsonl", "a.json", "a.parquet"):
-        assert read_records(tmp_path / name) == records
+        assert read_records(tmp_path / name) == (records, 3)
+        assert read_records(tmp_path / name, limit=2) == (records[:2], 3)
     assert len(load_examples(TASKS["piqa"], tmp_path / "a.parquet", limit=2)) == 2
 
 
