@@ -14,6 +14,7 @@ log-likelihood) follow lm-evaluation-harness 0.4 (`HFLM._encode_pair`, `_loglike
 
 from __future__ import annotations
 
+import array
 import contextlib
 import itertools
 import math
@@ -276,26 +277,40 @@ def forward_work(requests: Sequence[tuple[list[int], list[int]]], max_length: in
 
 
 def _batch_tensors(batch: list[_Row]) -> dict[str, torch.Tensor | None]:
-    """Right-padded tokens (B, T) and the positions whose logits are read (B, K); RoPE positions and the attention
-    mask (B, 1, T, T) unless every row is a single window (then causal attention does)."""
+    """Right-padded tokens (B, T) and the positions whose logits are read (B, K); RoPE positions and the additive
+    attention mask (B, 1, T, T) unless every row is a single window (then causal attention does)."""
     width = max(len(row.inputs) for row in batch)
-    tokens = torch.zeros(len(batch), width, dtype=torch.long)
-    outputs = torch.zeros(len(batch), max(len(row.outputs) for row in batch), dtype=torch.long)
-    for i, row in enumerate(batch):
-        tokens[i, :len(row.inputs)] = torch.tensor(row.inputs)
-        outputs[i, :len(row.outputs)] = torch.tensor(row.outputs)
-    tensors: dict[str, torch.Tensor | None] = {"tokens": tokens, "outputs": outputs, "positions": None,
-                                               "attn_mask": None}
+    tensors: dict[str, torch.Tensor | None] = {"tokens": _padded([row.inputs for row in batch], width, 0),
+                                               "outputs": _padded([row.outputs for row in batch], None, 0),
+                                               "positions": None, "attn_mask": None}
     if not all(row.chain for row in batch):
-        positions = torch.zeros(len(batch), width, dtype=torch.long)
-        ends = torch.arange(1, width + 1).repeat(len(batch), 1)  # padding sees itself only
-        for i, row in enumerate(batch):
-            positions[i, :len(row.inputs)] = torch.tensor(row.positions)
-            ends[i, :len(row.inputs)] = torch.tensor(row.ends)
+        tensors["positions"] = _padded([row.positions for row in batch], width, 0)
         query, key = torch.arange(width)[:, None], torch.arange(width)[None, :]
-        tensors["positions"] = positions
-        tensors["attn_mask"] = ((key <= query) & (query < ends[:, None, :])).unsqueeze(1)
+        ends = _padded([row.ends for row in batch], width, 0)  # a token's subtree ends after it: 0 is padding,
+        ends = torch.where(ends > 0, ends, key + 1)  # which sees itself only
+        tensors["attn_mask"] = additive_mask(((key <= query) & (query < ends[:, None, :])).unsqueeze(1))
     return tensors
+
+
+def _padded(lists: list[list[int]], width: int | None, fill: int) -> torch.Tensor:
+    """The lists as rows of one int64 tensor, right-padded with `fill` to `width` (None: the longest).
+
+    Built in an array of machine integers: torch.tensor converts a nested list element by element, ten times
+    slower."""
+    width = width if width is not None else max(map(len, lists))
+    flat = array.array("q")
+    for values in lists:
+        flat.extend(values)
+        flat.extend(itertools.repeat(fill, width - len(values)))
+    if not flat:
+        return torch.full((len(lists), width), fill, dtype=torch.long)
+    return torch.frombuffer(flat, dtype=torch.long).view(len(lists), width).clone()
+
+
+def additive_mask(allowed: torch.Tensor) -> torch.Tensor:
+    """A boolean attention mask as the float mask SDPA adds to the scores (0 where allowed, -inf elsewhere): the same
+    attention, bit for bit, without the conversion SDPA would otherwise make in every layer."""
+    return torch.where(allowed, 0.0, -math.inf)
 
 
 def _shard_for_rank(rows: list[_Row]) -> list[_Row]:
@@ -304,7 +319,7 @@ def _shard_for_rank(rows: list[_Row]) -> list[_Row]:
     return rows
 
 
-def _gather_from_ranks(scores: dict[int, tuple[float, bool]]) -> dict[int, tuple[float, bool]]:
+def _gather_from_ranks(scores: dict[int, tuple[float, bool | None]]) -> dict[int, tuple[float, bool | None]]:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         gathered: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, scores)
@@ -322,8 +337,10 @@ def score_requests(
     autocast: Any = None,
     progress: str | None = None,
     share_prefixes: bool = True,
-) -> list[tuple[float, bool]]:
-    """(sum of log-probabilities of the continuation, whether greedy decoding would produce it) per request.
+    greedy: bool = True,
+) -> list[tuple[float, bool | None]]:
+    """(sum of log-probabilities of the continuation, whether greedy decoding would produce it) per request; with
+    greedy=False (a multiple-choice task reads the sums only) no argmax is taken and the second item is None.
 
     With `share_prefixes`, requests share the tokens their windows start with (see `_Row`); rows are sorted
     longest first and scored `batch_size` at a time; under torch.distributed each rank scores a share and all ranks
@@ -331,21 +348,21 @@ def score_requests(
     each example) with an ETA.
     """
     mine = _shard_for_rank(_sorted_rows(requests, max_length, batch_size, share_prefixes))
-    scores: dict[int, tuple[float, bool]] = {}
+    scores: dict[int, tuple[float, bool | None]] = {}
     show = progress is not None and sys.stderr.isatty()
     bar = tqdm(total=sum(len(row.scored) for row in mine), desc=progress, unit="req", disable=not show, leave=False,
                dynamic_ncols=True)
     for start in range(0, len(mine), batch_size):
         batch = mine[start:start + batch_size]
-        scores.update(_score_batch(logits_fn, batch, device, autocast))
+        scores.update(_score_batch(logits_fn, batch, device, autocast, greedy))
         bar.update(sum(len(row.scored) for row in batch))
     bar.close()
     scores = _gather_from_ranks(scores)
     return [scores[i] for i in range(len(requests))]
 
 
-def _score_batch(logits_fn: LogitsFn, batch: list[_Row], device: torch.device,
-                 autocast: Any) -> dict[int, tuple[float, bool]]:
+def _score_batch(logits_fn: LogitsFn, batch: list[_Row], device: torch.device, autocast: Any,
+                 greedy: bool) -> dict[int, tuple[float, bool | None]]:
     tensors = {name: t.to(device) for name, t in _batch_tensors(batch).items() if t is not None}
     tokens, outputs = tensors.pop("tokens"), tensors.pop("outputs")
     read = (torch.arange(outputs.shape[1]) < torch.tensor([len(row.outputs) for row in batch])[:, None]).to(device)
@@ -360,12 +377,14 @@ def _score_batch(logits_fn: LogitsFn, batch: list[_Row], device: torch.device,
     picks, targets = picks.to(device), targets.to(device)
     valid = targets >= 0
     target_logits, normalisers, greedy_ids = _read_logits(read_rows, output_logits, autocast, picks[valid],
-                                                          targets[valid])
+                                                          targets[valid], greedy)
     token_log_probs = torch.zeros(picks.shape, device=device)
     token_log_probs[valid] = target_logits - normalisers[picks[valid]]
     token_ll = token_log_probs.sum(-1).tolist()
-    greedy = ((greedy_ids[picks] == targets) | ~valid).all(-1).tolist()
-    return {s.index: (ll, match) for s, ll, match in zip(scored, token_ll, greedy)}
+    if greedy_ids is None:
+        return {s.index: (ll, None) for s, ll in zip(scored, token_ll)}
+    matches = ((greedy_ids[picks] == targets) | ~valid).all(-1).tolist()
+    return {s.index: (ll, match) for s, ll, match in zip(scored, token_ll, matches)}
 
 
 def _picks_and_targets(batch: list[_Row]) -> tuple[list[_Scored], torch.Tensor, torch.Tensor]:
@@ -373,12 +392,8 @@ def _picks_and_targets(batch: list[_Row]) -> tuple[list[_Scored], torch.Tensor, 
     read positions row after row, that predict its continuation's tokens, and those tokens."""
     offsets = itertools.accumulate((len(row.outputs) for row in batch), initial=0)
     scored = [(offset, s) for offset, row in zip(offsets, batch) for s in row.scored]
-    longest = max(len(s.targets) for _, s in scored)
-    picks = torch.zeros(len(scored), longest, dtype=torch.long)
-    targets = torch.full((len(scored), longest), -1, dtype=torch.long)
-    for i, (offset, s) in enumerate(scored):
-        picks[i, :len(s.slots)] = torch.tensor(s.slots) + offset
-        targets[i, :len(s.targets)] = torch.tensor(s.targets)
+    picks = _padded([[slot + offset for slot in s.slots] for offset, s in scored], None, 0)
+    targets = _padded([s.targets for _, s in scored], None, -1)
     return [s for _, s in scored], picks, targets
 
 
@@ -390,13 +405,13 @@ LOGIT_CHUNK_POSITIONS = 256
 
 
 def _read_logits(read_rows: torch.Tensor, output_logits: Callable | None, autocast: Any, picks: torch.Tensor,
-                 targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 targets: torch.Tensor, greedy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The logit of each (read position, target) pair of picks/targets, and at every read position the log-sum-exp
-    and the greedy token, the logits made (from hidden states, by output_logits) and read a chunk at a time.
-    log p = logit - logsumexp: no log-softmax is written."""
+    and (with `greedy`) the greedy token, the logits made (from hidden states, by output_logits) and read a chunk at
+    a time. log p = logit - logsumexp: no log-softmax is written."""
     positions = read_rows.shape[0]
     normalisers = torch.empty(positions, device=read_rows.device)
-    greedy_ids = torch.empty(positions, dtype=torch.long, device=read_rows.device)
+    greedy_ids = torch.empty(positions, dtype=torch.long, device=read_rows.device) if greedy else None
     target_logits = torch.empty(picks.shape, device=read_rows.device)
     order = picks.argsort()
     sorted_picks = picks[order]
@@ -408,7 +423,8 @@ def _read_logits(read_rows: torch.Tensor, output_logits: Callable | None, autoca
         else:
             logits = read_rows[start:end]
         logits = logits.float()
-        greedy_ids[start:end] = logits.max(-1).indices  # argmax's first maximum, faster
+        if greedy_ids is not None:
+            greedy_ids[start:end] = logits.max(-1).indices  # argmax's first maximum, faster
         normalisers[start:end] = torch.logsumexp(logits, dim=-1)
         first, last = torch.searchsorted(sorted_picks, torch.tensor([start, end], device=picks.device)).tolist()
         chunk_pairs = order[first:last]
@@ -430,7 +446,8 @@ def _argmax(values: Sequence[float]) -> int:
     return max(range(len(values)), key=lambda i: (values[i], -i))  # the first of equal maxima, as numpy's argmax
 
 
-def task_metrics(spec: TaskSpec, examples: Sequence[Example], scores: Sequence[tuple[float, bool]]) -> TaskResult:
+def task_metrics(spec: TaskSpec, examples: Sequence[Example],
+                 scores: Sequence[tuple[float, bool | None]]) -> TaskResult:
     """acc / acc_norm (with standard errors) or LAMBADA's acc / perplexity from per-request scores."""
     per_metric: dict[str, list[float]] = {name: [] for name in spec.metrics}
     position = 0

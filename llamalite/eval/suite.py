@@ -25,7 +25,15 @@ import torch
 from llamalite.config import EvalConfig
 from llamalite.errors import EvalError
 from llamalite.eval.harness import LogitsFn, TaskResult, example_requests, flat_metrics, score_requests, task_metrics
-from llamalite.eval.tasks import Example, TaskSpec, load_task, resolve_tasks, task_data_fingerprint, task_source
+from llamalite.eval.tasks import (
+    LOGLIKELIHOOD,
+    Example,
+    TaskSpec,
+    load_task,
+    resolve_tasks,
+    task_data_fingerprint,
+    task_source,
+)
 from llamalite.tokenizer import Tokenizer
 
 EVALS_FILE = "evals.jsonl"
@@ -147,7 +155,7 @@ class BenchmarkSuite:
             examples, requests = task.scored()
             scores = score_requests(logits_fn, requests, max_length, self.eval_cfg.batch_size, device, autocast,
                                     progress=f"{task.spec.name} ({len(examples)} examples)",
-                                    share_prefixes=share_prefixes)
+                                    share_prefixes=share_prefixes, greedy=task.spec.kind == LOGLIKELIHOOD)
             results[task.spec.name] = task_metrics(task.spec, examples, scores)
         return results
 

@@ -199,22 +199,22 @@ def read_records(path: Path, limit: int | None = None) -> tuple[list[dict[str, A
 
         records = pq.read_table(path).to_pylist()
         return records[:limit], len(records)
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()  # json parses UTF-8 bytes itself: nothing past the limit is decoded
     if name.endswith(".json"):
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
             data = None
         if isinstance(data, dict) and isinstance(data.get("data"), list):
             data = data["data"]
         if isinstance(data, list):
             return data[:limit], len(data)
-    lines = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    lines = [(number, line) for number, line in enumerate(raw.splitlines(), 1) if line.strip()]
     records = []
     for number, line in lines[:limit]:
         try:
             records.append(json.loads(line))
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             raise DataError(f"{path} line {number} is not JSON: task files are JSON Lines, a JSON array "
                             "or Parquet in the task's Hugging Face schema") from None
     return records, len(lines)

@@ -1,7 +1,9 @@
 """The LLaMA decoder: RMSNorm, rotary position embeddings, SwiGLU, grouped-query attention.
 
 A plain nn.Module: no optimizer, no distributed wrapping, no I/O. Parameter names follow
-transformers' LlamaForCausalLM so that weights map one to one.
+transformers' LlamaForCausalLM so that weights map one to one. Without autograd (evaluation, generation) the
+norms, RoPE, SwiGLU and residual sums write into temporaries of their own instead of new tensors: the same
+arithmetic, bit for bit, with less memory traffic.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
+        if not torch.is_grad_enabled() and x.dtype == self.weight.dtype:
+            scale = x32.pow(2).mean(-1, keepdim=True).add_(self.eps).rsqrt_()
+            return (x32 * scale).to(x.dtype).mul_(self.weight)
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * normed.to(x.dtype)
 
@@ -42,6 +47,11 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float,
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x of shape (B, H, T, head_dim) by position; cos/sin are (T, head_dim)."""
     half = x.shape[-1] // 2
+    if not torch.is_grad_enabled():
+        rotated = x * cos  # the same sums, bit for bit, with two full-size temporaries fewer
+        rotated[..., :half] -= x[..., half:] * sin[..., :half]
+        rotated[..., half:] += x[..., :half] * sin[..., half:]
+        return rotated.to(x.dtype)
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)
 
@@ -124,14 +134,20 @@ def rows_at(table: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
     """The RoPE rows (B, 1, K, head_dim) of `queries` (B, K) from cos or sin of shape (T, head_dim) or (B, 1, T, hd)."""
     if table.dim() == 2:
         return table[queries].unsqueeze(1)
-    return torch.take_along_dim(table, queries[:, None, :, None], dim=2)
+    return rows_along(table, queries)
+
+
+def rows_along(table: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """table (B, 1, T, N) at rows `queries` (B, K): (B, 1, K, N). take_along_dim, without its modulo over every
+    element of the broadcast index."""
+    return table.gather(2, queries[:, None, :, None].expand(-1, 1, -1, table.shape[-1]))
 
 
 def query_mask(attn_mask: torch.Tensor | None, queries: torch.Tensor, seq: int, cached: int) -> torch.Tensor:
     """The rows of the attention mask (B, 1, K, S) for `queries` (B, K): of `attn_mask` where given, else causal
     over `cached` earlier keys and the `seq` new ones."""
     if attn_mask is not None:
-        return torch.take_along_dim(attn_mask, queries[:, None, :, None], dim=2)
+        return rows_along(attn_mask.expand(queries.shape[0], 1, -1, -1), queries)
     keys = torch.arange(cached + seq, device=queries.device)
     return (keys <= (queries + cached)[:, :, None]).unsqueeze(1)
 
@@ -150,6 +166,8 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(config.ffn_hidden, config.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return self.down_proj(F.silu(self.gate_proj(x), inplace=True).mul_(self.up_proj(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -175,8 +193,16 @@ class Block(nn.Module):
         attended = self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache, layer, queries)
         if queries is not None:
             x = x.gather(1, queries.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-        x = x + attended
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = residual_add(attended, x)
+        return residual_add(self.mlp(self.post_attention_layernorm(x)), x)
+
+
+def residual_add(fresh: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """fresh + residual, written into `fresh` (a block's own output) when autograd does not need it and both have
+    one dtype: the same sum, without a new activation-sized tensor."""
+    if not torch.is_grad_enabled() and fresh.dtype == residual.dtype:
+        return fresh.add_(residual)
+    return fresh + residual
 
 
 def soft_cap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
@@ -236,7 +262,8 @@ class Llama(nn.Module):
         With no keyword argument this is the training path: positions 0..T-1 and causal attention.
         positions: (B, T) int positions for RoPE, each below max_seq_len (left-padded rows, packed
             sequences that restart at 0). Default: consecutive, starting after what `cache` holds.
-        attn_mask: boolean mask broadcastable to (B, 1, T, S), True where query t may attend key s;
+        attn_mask: boolean mask broadcastable to (B, 1, T, S), True where query t may attend key s (or the
+            float mask SDPA adds to the scores: 0 where allowed, -inf elsewhere, faster on the CPU);
             S is T, or cache.length + T with a cache. It replaces the causal mask, so it must encode
             causality itself (block-diagonal causal for packed sequences). Every query row should
             allow at least one key. Default: causal.

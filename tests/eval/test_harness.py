@@ -169,7 +169,9 @@ def test_windows_that_start_alike_share_those_tokens_each_at_its_own_position():
     assert row.outputs == [2, 3, 4, 5, 6]  # every read position once, though three requests read position 2
     by_request = {s.index: ([row.outputs[slot] for slot in s.slots], s.targets) for s in row.scored}
     assert by_request == {0: ([2, 5], [7, 8]), 1: ([2], [9]), 2: ([2, 3, 4], [4, 5, 6]), 3: ([6], [6])}
-    mask = _batch_tensors([row, _rows([([1], [2])], 24)[0]])["attn_mask"]
+    additive = _batch_tensors([row, _rows([([1], [2])], 24)[0]])["attn_mask"]
+    assert set(additive.unique().tolist()) == {0.0, -math.inf}  # SDPA adds it to the scores
+    mask = additive == 0
     assert mask[0, 0, 5].tolist() == [True, True, True, False, False, True, False]  # 7 sees 1 2 3, not 4 5
     assert mask[0, 0, 6].tolist() == [True, True] + [False] * 4 + [True]  # the last 5 sees 1 2 only
     assert mask[1, 0, 3].tolist() == [False] * 3 + [True] + [False] * 3  # padding sees itself only

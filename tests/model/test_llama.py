@@ -193,3 +193,38 @@ def test_output_positions_give_the_full_logits_there_causal_masked_and_cached():
         torch.testing.assert_close(cache.keys, reference.keys)  # every position's key is still cached
         later = model(tokens[:, 4:], cache=cache, output_positions=reads[:, :2].clamp(max=5))
         torch.testing.assert_close(later, full[:, 4:].gather(1, reads[:, :2, None].clamp(max=5).expand(-1, -1, 97)))
+
+
+@pytest.mark.parametrize("weights,autocast", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)],
+                         ids=["fp32", "bf16", "fp32-autocast-bf16"])
+def test_inference_without_autograd_gives_the_same_bits_as_with_it(weights, autocast):
+    """Without autograd the blocks write into their own temporaries (residual sums, SwiGLU, RoPE, RMSNorm): the
+    logits must be exactly those of the path that keeps every temporary for backward."""
+    torch.manual_seed(0)
+    model = Llama(small_config(max_seq_len=32)).to(weights).eval()
+    tokens = torch.randint(0, 97, (3, 20))
+    positions = torch.randint(0, 32, (3, 20))
+    mask = torch.rand(3, 1, 20, 20) < 0.6
+    mask |= torch.eye(20, dtype=torch.bool)
+    calls = [{}, {"positions": positions, "attn_mask": mask},
+             {"positions": positions, "attn_mask": torch.zeros(mask.shape).masked_fill(~mask, -torch.inf),
+              "output_positions": torch.tensor([[0, 7, 19]] * 3)}]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        for kwargs in calls:
+            with torch.enable_grad():
+                tracked = model(tokens, **kwargs)
+            assert tracked.requires_grad
+            with torch.inference_mode():
+                assert torch.equal(model(tokens, **kwargs), tracked.detach())
+            with torch.no_grad():
+                assert torch.equal(model(tokens, **kwargs), tracked.detach())
+
+
+def test_an_additive_float_mask_gives_the_bits_of_the_boolean_mask():
+    torch.manual_seed(0)
+    model = Llama(small_config(max_seq_len=32)).eval()
+    tokens = torch.randint(0, 97, (2, 12))
+    mask = (torch.rand(2, 1, 12, 12) < 0.5) | torch.eye(12, dtype=torch.bool)
+    additive = torch.zeros(mask.shape).masked_fill(~mask, -torch.inf)
+    with torch.inference_mode():
+        assert torch.equal(model(tokens, attn_mask=mask), model(tokens, attn_mask=additive))
