@@ -292,3 +292,15 @@ def test_ranks_score_shares_and_all_receive_every_score(tmp_path):
         assert scored == (rows + 1 - rank) // 2  # its share of the rows only
         assert [g for _, g in got] == [g for _, g in expected]
         assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in expected], abs=1e-4)
+
+
+def test_without_greedy_the_sums_are_the_same_and_no_argmax_is_read():
+    model = small_model()
+    context = [5, 9, 17]
+    with torch.no_grad():
+        best = int(model(torch.tensor([context]))[0, -1].argmax())
+    requests = [(context, [best]), *random_requests(30, seed=3)]
+    with_greedy = score_requests(model, requests, 24, 4, CPU)
+    without = score_requests(model, requests, 24, 4, CPU, greedy=False)
+    assert [ll for ll, _ in without] == [ll for ll, _ in with_greedy]
+    assert {match for _, match in without} == {None} and {match for _, match in with_greedy} == {True, False}
