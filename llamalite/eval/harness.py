@@ -302,9 +302,9 @@ def _padded(lists: list[list[int]], width: int | None, fill: int) -> torch.Tenso
     for values in lists:
         flat.extend(values)
         flat.extend(itertools.repeat(fill, width - len(values)))
-    if not flat:
+    if not flat:  # no buffer to read: no rows, or rows of width 0
         return torch.full((len(lists), width), fill, dtype=torch.long)
-    return torch.frombuffer(flat, dtype=torch.long).view(len(lists), width).clone()
+    return torch.asarray(flat, dtype=torch.long, copy=True).view(len(lists), width)
 
 
 def additive_mask(allowed: torch.Tensor) -> torch.Tensor:

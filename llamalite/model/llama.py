@@ -48,10 +48,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate x of shape (B, H, T, head_dim) by position; cos/sin are (T, head_dim)."""
     half = x.shape[-1] // 2
     if not torch.is_grad_enabled():
-        rotated = x * cos  # the same sums, bit for bit, with two full-size temporaries fewer
-        rotated[..., :half] -= x[..., half:] * sin[..., :half]
-        rotated[..., half:] += x[..., :half] * sin[..., half:]
-        return rotated.to(x.dtype)
+        out = x * cos  # the same sums, bit for bit, with two full-size temporaries fewer
+        out[..., :half] -= x[..., half:] * sin[..., :half]
+        out[..., half:] += x[..., :half] * sin[..., half:]
+        return out.to(x.dtype)
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)
 
@@ -263,7 +263,8 @@ class Llama(nn.Module):
         positions: (B, T) int positions for RoPE, each below max_seq_len (left-padded rows, packed
             sequences that restart at 0). Default: consecutive, starting after what `cache` holds.
         attn_mask: boolean mask broadcastable to (B, 1, T, S), True where query t may attend key s (or the
-            float mask SDPA adds to the scores: 0 where allowed, -inf elsewhere, faster on the CPU);
+            float mask SDPA adds to the scores: 0 where allowed, -inf elsewhere, which SDPA does not convert
+            again in every layer);
             S is T, or cache.length + T with a cache. It replaces the causal mask, so it must encode
             causality itself (block-diagonal causal for packed sequences). Every query row should
             allow at least one key. Default: causal.

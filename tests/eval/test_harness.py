@@ -205,11 +205,16 @@ def test_logits_made_and_read_a_few_positions_at_a_time_score_the_same(monkeypat
         assert [greedy for _, greedy in chunked] == [greedy for _, greedy in whole]
 
 
-def test_greedy_is_true_when_the_continuation_is_the_argmax():
-    model = small_model()
+def greedy_request(model: Llama) -> tuple[list[int], list[int]]:
+    """A request whose continuation is the model's argmax after its context."""
     context = [5, 9, 17]
     with torch.no_grad():
-        best = int(model(torch.tensor([context]))[0, -1].argmax())
+        return context, [int(model(torch.tensor([context]))[0, -1].argmax())]
+
+
+def test_greedy_is_true_when_the_continuation_is_the_argmax():
+    model = small_model()
+    context, [best] = greedy_request(model)
     (_, greedy), (_, other) = score_requests(model, [(context, [best]), (context, [(best + 1) % 300])], 24, 8, CPU)
     assert greedy and not other
 
@@ -296,11 +301,14 @@ def test_ranks_score_shares_and_all_receive_every_score(tmp_path):
 
 def test_without_greedy_the_sums_are_the_same_and_no_argmax_is_read():
     model = small_model()
-    context = [5, 9, 17]
-    with torch.no_grad():
-        best = int(model(torch.tensor([context]))[0, -1].argmax())
-    requests = [(context, [best]), *random_requests(30, seed=3)]
+    requests = [greedy_request(model), *random_requests(30, seed=3)]
     with_greedy = score_requests(model, requests, 24, 4, CPU)
     without = score_requests(model, requests, 24, 4, CPU, greedy=False)
     assert [ll for ll, _ in without] == [ll for ll, _ in with_greedy]
     assert {match for _, match in without} == {None} and {match for _, match in with_greedy} == {True, False}
+
+
+def test_padded_rows_fill_to_the_width_and_an_empty_batch_has_no_buffer_to_read():
+    assert harness._padded([[1, 2], [3]], None, -1).tolist() == [[1, 2], [3, -1]]
+    assert harness._padded([[1, 2], [3]], 4, 0).tolist() == [[1, 2, 0, 0], [3, 0, 0, 0]]
+    assert harness._padded([[], []], None, 7).shape == (2, 0)

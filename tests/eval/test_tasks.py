@@ -119,6 +119,16 @@ def test_a_limit_parses_json_lines_up_to_it_and_counts_them_all(tmp_path):
         load_task(TASKS["piqa"], path)
 
 
+def test_json_lines_are_split_at_newlines_only_and_bytes_that_are_not_utf8_are_a_one_line_error(tmp_path):
+    path = tmp_path / "piqa.jsonl"
+    record = {"goal": "a\u2028b", "sol1": "a", "sol2": "b", "label": 0}  # U+2028 raw inside a string is valid JSON
+    path.write_bytes(json.dumps(record, ensure_ascii=False).encode() + b"\n" + b'{"goal": "\xff"}\n')
+    examples, available = load_task(TASKS["piqa"], path, limit=1)
+    assert examples[0].contexts[0] == "Question: a\u2028b\nAnswer:" and available == 2
+    with pytest.raises(DataError, match="line 2 is not JSON"):
+        load_task(TASKS["piqa"], path)
+
+
 @pytest.mark.skipif(not (SHARED_DATA / "eval").is_dir(), reason="../shared/data not present")
 @pytest.mark.parametrize("task", list(TASKS))
 def test_every_shared_file_loads(task):
