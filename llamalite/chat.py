@@ -10,11 +10,12 @@ Templates and their rendering come from llamalite/data/sft.py (exactly as fine-t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TextIO
 
 import torch
@@ -25,6 +26,7 @@ from llamalite.data.sft import encode_prompt, get_template, stop_strings, traine
 from llamalite.errors import ConfigError
 from llamalite.generate import Generation, SamplingOptions, generate, iter_generate_ids
 from llamalite.runtime import seeded_generator
+from llamalite.text import clean_text, split_lines
 from llamalite.tokenizer import Tokenizer
 
 DEFAULT_TEMPLATE = "plain"
@@ -112,6 +114,7 @@ def run_chat(loaded: InferenceModel, template: str | None, options: SamplingOpti
              system: str | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None,
              jsonl: bool = False, compile: bool = False) -> None:
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    options, system = user_text_options(options), clean_text(system, "--system") if system else system
     name, chat_template = template_from_state(loaded.state, template)
     session = ChatSession(loaded.model, loaded.tokenizer, chat_template, options, seeded_generator(seed), system,
                           compile=compile)
@@ -130,7 +133,7 @@ def _interactive(session: ChatSession, stdout: TextIO) -> None:
 
     while True:
         try:
-            line = input("you> ").strip()
+            line = clean_text(input("you> "), "your line").strip()
         except EOFError:
             print(file=stdout)
             return
@@ -146,9 +149,9 @@ def _interactive(session: ChatSession, stdout: TextIO) -> None:
 
 
 def _scripted(session: ChatSession, stdin: TextIO, stdout: TextIO, jsonl: bool) -> None:
-    """Each line a user turn; each answer printed as it is (it may span lines) or as one JSON line."""
-    for raw in stdin:
-        line = raw.strip()
+    """Each line (ended by LF, CRLF or CR) a user turn; each answer printed as it is (it may span lines) or as one
+    JSON line."""
+    for line in _stdin_lines(stdin):
         if line == "/exit":
             return
         if line == "/reset":
@@ -163,6 +166,19 @@ def _scripted(session: ChatSession, stdin: TextIO, stdout: TextIO, jsonl: bool) 
             stdout.flush()
 
 
+def _stdin_lines(stdin: TextIO) -> Iterator[str]:
+    """The stripped lines of stdin, read one at a time; bytes that are not UTF-8 are U+FFFD (llamalite/text.py)."""
+    for number, raw in enumerate(stdin, start=1):
+        for line in split_lines(clean_text(raw, f"stdin line {number}")):
+            yield line.strip()
+
+
+def user_text_options(options: SamplingOptions) -> SamplingOptions:
+    """`options` with its stop strings under the rule of llamalite/text.py."""
+    stop = tuple(clean_text(text, "--stop") for text in options.stop)
+    return dataclasses.replace(options, stop=stop) if stop != tuple(options.stop) else options
+
+
 # ------------------------------------------------------------------------------------------------- generate
 def run_generate(loaded: InferenceModel, prompts: Sequence[str], options: SamplingOptions, seed: int | None = None,
                  stream: bool = True, stdout: TextIO | None = None, stderr: TextIO | None = None,
@@ -172,6 +188,8 @@ def run_generate(loaded: InferenceModel, prompts: Sequence[str], options: Sampli
     stdout gets prompt + continuation; stderr one line per prompt with why it stopped and the speed.
     """
     stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
+    prompts = [clean_text(prompt, "--prompt") for prompt in prompts]
+    options = user_text_options(options)
     streaming = stream and len(prompts) == 1
 
     def show(row: int, piece: str) -> None:

@@ -13,11 +13,13 @@ import signal
 import sys
 from pathlib import Path
 
-from llamalite.config import Config, load_config
+from llamalite.config import DEVICE_PATTERN, MAX_WORKERS, Config, load_config
 from llamalite.errors import ConfigError, LlamaliteError
 from llamalite.eval.tasks import TASKS
 from llamalite.logs import setup_logging
 from llamalite.model.presets import count_parameters, get_preset, matmul_parameters, training_flops_per_token
+from llamalite.schema import MAX_COUNT, MAX_SEED, Range, between, declared_range, matching, non_negative, positive
+from llamalite.text import EXIT_BROKEN_PIPE, silence_closed_streams, tolerant_standard_streams
 from llamalite.tokenizer import Tokenizer
 
 # OpenMP's threads wait at barriers by spinning by default: on a machine shared with other work, 2 threads of a tiny
@@ -142,6 +144,7 @@ def sampling_options(args: argparse.Namespace):
 def cmd_eval(args: argparse.Namespace) -> None:
     from llamalite.evaluate import (
         SweepOptions,
+        claim_results_json,
         dynamics_table,
         evaluate_checkpoints,
         read_evals_for,
@@ -154,6 +157,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
                            val_loss=not args.no_val_loss, batch_size=args.batch_size, data_dir=args.data_dir,
                            task_files=task_files, device=args.device, dtype=args.dtype,
                            skip_too_long=args.skip_too_long)
+    if args.output_json:
+        claim_results_json(Path(args.output_json), Path(args.target))  # refused before hours of evaluation
     records = evaluate_checkpoints(Path(args.target), options)
     table_records = read_evals_for(Path(args.target), options, records)
     print(dynamics_table(table_records, width=shutil.get_terminal_size().columns))
@@ -246,16 +251,70 @@ def cmd_merge(args: argparse.Namespace) -> None:
     print(f"merged checkpoint: {out}{adapter}")
 
 
+# -- option types: each numeric option declares its range beside it, as config keys do (llamalite/schema.py); a
+# value outside it (zero, negative, NaN, inf, huge) is argparse's usage error (exit 2), before anything runs
+def option_type(kind: type, metadata: dict[str, Range]):
+    """An argparse type reading `kind` (int or float) within the declared range of `metadata`."""
+    declared = declared_range(metadata)
+    what = "an integer" if kind is int else "a number"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except (ValueError, OverflowError):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}: it takes {declared.describe()}") from None
+        problem = declared.problem(value)
+        if problem:
+            raise argparse.ArgumentTypeError(f"{text!r} {problem}")
+        return value
+
+    parse.__name__ = what  # argparse names the type by it in its own messages
+    return parse
+
+
+def positive_int(high: int = MAX_COUNT):
+    return option_type(int, positive(high=high))
+
+
+def non_negative_int(high: int = MAX_COUNT):
+    return option_type(int, non_negative(high=high))
+
+
+def positive_float():
+    return option_type(float, positive(integer=False))
+
+
+def non_negative_float():
+    return option_type(float, non_negative(integer=False))
+
+
+def fraction():
+    """In (0, 1]: a probability mass or a utilisation."""
+    return option_type(float, between(0, 1, low_open=True))
+
+
+def device_name(text: str) -> str:
+    problem = declared_range(matching(DEVICE_PATTERN, "auto, cpu, cuda or cuda:N")).problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{text!r} {problem}")
+    return text
+
+
 def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"default: {max_new_tokens}")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default: 0.8)")
-    p.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens; 0: all (default: 50)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the smallest set with this probability")
+    p.add_argument("--max-new-tokens", type=non_negative_int(), default=max_new_tokens,
+                   help=f"default: {max_new_tokens}")
+    p.add_argument("--temperature", type=non_negative_float(), default=0.8, help="0 is greedy (default: 0.8)")
+    p.add_argument("--top-k", type=non_negative_int(), default=50,
+                   help="sample from the k most likely tokens; 0: all (default: 50)")
+    p.add_argument("--top-p", type=fraction(), default=None,
+                   help="nucleus sampling: the smallest set with this probability, in (0, 1]")
     p.add_argument("--greedy", action="store_true", help="always the most likely token (same as --temperature 0)")
     p.add_argument("--stop", action="extend", nargs="+", default=None, metavar="STR",
                    help="stop at this text, which is left out of the output (several allowed)")
-    p.add_argument("--seed", type=int, default=None, help="seed of the sampling generator (default: random)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--seed", type=non_negative_int(MAX_SEED), default=None,
+                   help="seed of the sampling generator (default: random)")
+    p.add_argument("--threads", type=positive_int(MAX_WORKERS), default=None,
+                   help="torch intra-op threads (default: torch's)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weight dtype (default: fp32)")
     p.add_argument("--compile", action="store_true",
                    help="decode with a compiled step of fixed shapes: 1.9-3x the eager tokens/s on a CPU after a "
@@ -274,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("model-info", help="parameters and FLOPs per token of a model preset")
     p.add_argument("preset", help="tiny | 30m | 124m | 350m | dmas-1.7b")
-    p.add_argument("--seq-len", type=int, default=None,
+    p.add_argument("--seq-len", type=positive_int(), default=None,
                    help="sequence length for attention FLOPs (default: the preset's)")
     p.set_defaults(func=cmd_model_info)
 
@@ -282,14 +341,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="memory per GPU, time and disk of a training run, before spending GPU time")
     p.add_argument("config", help="YAML config (see configs/)")
     p.add_argument("overrides", nargs="*", help=overrides_help)
-    p.add_argument("--gpus", type=int, default=1, help="GPUs (ranks) the run will use (default: 1)")
+    p.add_argument("--gpus", type=positive_int(1 << 20), default=1, help="GPUs (ranks) the run will use (default: 1)")
     p.add_argument("--gpu", default="h100", help="GPU model, e.g. h100 (the default: 80 GB SXM), h200, a100-80gb, "
                    "a100-40gb, a6000, l40s, 4090 (an unknown name lists them all)")
     p.add_argument("--gpu-memory", default=None, help="memory per GPU, e.g. 80GB (GB as GPU makers use it: 2^30 "
                    "bytes); default: the --gpu's")
-    p.add_argument("--gpu-flops", type=float, default=None, help="dense bf16 peak FLOP/s per GPU, e.g. 989e12; "
-                   "default: the --gpu's")
-    p.add_argument("--mfu", type=float, default=0.45, help="model-FLOPs utilisation the run reaches (default: 0.45)")
+    p.add_argument("--gpu-flops", type=positive_float(), default=None, help="dense bf16 peak FLOP/s per GPU, e.g. "
+                   "989e12; default: the --gpu's")
+    p.add_argument("--mfu", type=fraction(), default=0.45,
+                   help="model-FLOPs utilisation the run reaches, in (0, 1] (default: 0.45)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("prepare", help="raw text -> tokenizer -> token shards + manifest")
@@ -350,20 +410,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only the validation loss on the run's held-out split (no benchmarks)")
     p.add_argument("--output-json", default=None, metavar="PATH",
                    help="also write the newest checkpoint's results in lm-evaluation-harness's results layout")
-    p.add_argument("--limit", type=int, default=None, help="score the first N examples of each task (a fixed subset)")
+    p.add_argument("--limit", type=positive_int(), default=None,
+                   help="score the first N examples of each task (a fixed subset)")
     p.add_argument("--all-checkpoints", action="store_true",
                    help="every checkpoint of the run, skipping ones already in evals.jsonl")
     p.add_argument("--data-dir", default=None, help="folder of local task files named as their HF split (e.g. "
                    "hellaswag_val.jsonl, piqa_validation.jsonl); default: download through `datasets`")
     p.add_argument("--task-file", action="append", default=[], metavar="TASK=PATH",
                    help="a task's local file (repeatable)")
-    p.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass (default: 32)")
+    p.add_argument("--batch-size", type=positive_int(), default=32, help="sequences per forward pass (default: 32)")
     p.add_argument("--skip-too-long", action="store_true",
                    help="leave out documents whose continuation is longer than the model's context (counted per "
                    "task in evals.jsonl) instead of stopping before any scoring; long contexts are left-truncated "
                    "either way, as lm-evaluation-harness does")
     p.add_argument("--no-val-loss", action="store_true", help="skip the validation loss on the run's held-out split")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--device", type=device_name, default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
                    help="fp32 (as lm-evaluation-harness) or bf16 autocast")
     p.set_defaults(func=cmd_eval)
@@ -421,7 +482,20 @@ def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command. A user error (LlamaliteError) prints one line and returns 2; a training run stopped by a
-    signal returns EXIT_STOPPED; any other exception is a bug and propagates with its traceback."""
+    signal returns EXIT_STOPPED; a reader that closed the pipe (`| head`) ends any command quietly with
+    EXIT_BROKEN_PIPE, as SIGPIPE would; any other exception is a bug and propagates with its traceback."""
+    tolerant_standard_streams()
+    try:
+        try:
+            return run_command(argv)
+        finally:
+            sys.stdout.flush()  # a closed pipe fails here, inside the handler, not at the interpreter's exit
+    except BrokenPipeError:
+        silence_closed_streams()
+        return EXIT_BROKEN_PIPE
+
+
+def run_command(argv: list[str] | None) -> int:
     args = parse_arguments(build_parser(), argv)
     decoding = args.command in DECODING_COMMANDS
     if not decoding:

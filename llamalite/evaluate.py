@@ -21,7 +21,7 @@ from llamalite.errors import CheckpointError, DataError, EvalError
 from llamalite.eval.harness import validation_metrics
 from llamalite.eval.suite import EVALS_FILE, BenchmarkSuite, eval_record
 from llamalite.eval.tasks import LOGLIKELIHOOD, TASKS, TaskSpec, resolve_tasks, task_data_fingerprint, task_source
-from llamalite.files import JsonlWriter, atomic_write_text, read_jsonl
+from llamalite.files import JsonlWriter, OutputClaim, atomic_write_text, claim_output_file, read_jsonl
 from llamalite.runtime import autocast_context, resolve_device
 
 
@@ -287,7 +287,9 @@ def _task_config(task: str) -> dict[str, Any]:
 
 def write_results_json(path: Path, target: Path, options: SweepOptions, records: list[dict[str, Any]]) -> int:
     """Write the requested tasks' results at the newest checkpoint of `target` (the one checkpoint when `target` is
-    one), taken from `records` (the run's evals.jsonl), as lm-eval's results JSON; returns the step."""
+    one), taken from `records` (the run's evals.jsonl), as lm-eval's results JSON; returns the step. The file must be
+    new or one this command wrote before (docs/safety.md)."""
+    claim = claim_results_json(path, target)
     step = checkpoint_step_of(checkpoints_to_evaluate(target, options.all_checkpoints)[-1])
     tasks = {spec.name for spec in resolve_tasks(options.tasks)}
     mine = [{**r, "metrics": {k: v for k, v in r.get("metrics", {}).items() if _task_of(k) in tasks}}
@@ -298,9 +300,25 @@ def write_results_json(path: Path, target: Path, options: SweepOptions, records:
               "step": step, "tokens": mine[-1].get("tokens", 0), "batch_size": options.batch_size,
               "device": options.device, "dtype": options.dtype, "limit": options.limit, "bootstrap_iters": 0}
     text = json.dumps(lm_eval_results(mine, step, config), indent=2, allow_nan=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    claim.create()
     atomic_write_text(path, text + "\n")
     return step
+
+
+def claim_results_json(path: Path, target: Path) -> OutputClaim:
+    """The output policy for --output-json: a new file, or one this command wrote; never the target nor inside it
+    or another artifact. Called before the evaluation too, so that a refusal costs nothing."""
+    return claim_output_file(path, "eval-results", "--output-json", inputs=(target,), recognise=is_results_json)
+
+
+def is_results_json(path: Path) -> bool:
+    """Whether `path` is a results file that write_results_json wrote (its config names llamalite as the model)."""
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(results, dict) and isinstance(results.get("config"), dict) and \
+        results["config"].get("model") == "llamalite" and "results" in results
 
 
 def _task_of(metric: str) -> str | None:

@@ -8,16 +8,21 @@ import hashlib
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import socket
+import stat
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from llamalite.errors import BusyError, ConfigError
+from llamalite.records import read_run_records
 
 logger = logging.getLogger(__name__)
 
@@ -76,19 +81,9 @@ def fsync_dir(folder: str | Path) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The records of a JSON Lines file; a torn last line (a writer killed mid-line, or still writing) is skipped."""
-    if not path.exists():
-        return []
-    with open(path, encoding="utf-8") as f:
-        lines = [line for line in f if line.strip()]
-    records = []
-    for number, line in enumerate(lines):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number != len(lines) - 1:
-                raise
-    return records
+    """The records of a run's own JSON Lines file (metrics, events, evals, samples); a torn or malformed line anywhere
+    (a writer killed mid-line, a full disk) is skipped, counted and logged: records.read_run_records."""
+    return read_run_records(path)[0]
 
 
 class JsonlWriter:
@@ -148,19 +143,6 @@ def _lock_holder(fd: int) -> str:
         return "written by another process"
 
 
-def check_output_dir(out_dir: str | Path, force: bool, what: str) -> None:
-    """An output folder must be new or empty, unless `force`: then the command's files replace those of the same
-    names, and nothing else in the folder is touched."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"{out_dir} is a file: pass a folder for {what}")
-    entries = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
-    if entries and not force:
-        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
-        raise ConfigError(f"{out_dir} is not empty ({shown}): choose a new folder for {what}, or pass --force to "
-                          "write into it (files of the same names are replaced; nothing else is deleted)")
-
-
 def move_into(source: Path, out_dir: Path, last: str | None = None, weights: tuple[str, ...] = ()) -> None:
     """Move the files of the folder `source` into `out_dir` (created if needed), replacing files of the same relative
     paths and leaving every other file of out_dir alone; `source` is removed. `last`, a file name of `source`, moves
@@ -188,3 +170,285 @@ def move_into(source: Path, out_dir: Path, last: str | None = None, weights: tup
         os.replace(file, target)
     fsync_dir(out_dir)
     shutil.rmtree(source)
+
+
+# ------------------------------------------------------------------------------------------------- output policy
+# One policy for every command that writes (docs/safety.md): it writes only into a folder that is absent, empty, or
+# one it made earlier for the same purpose; never into or onto its own inputs, nor into another llamalite artifact;
+# --force replaces only the command's own files; a refusal comes before the first byte is written.
+OUTPUT_MARKER = ".llamalite-output.json"
+ARTIFACT_NAMES = {
+    "checkpoint": "a checkpoint directory",
+    "run": "a run directory",
+    "sft-run": "a fine-tuning run directory",
+    "prepared-data": "a prepared data folder",
+    "hf-export": "a transformers model folder",
+    "adapter": "a PEFT adapter folder",
+    "report": "a report folder",
+    "eval-results": "an evaluation results file",
+}
+_HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_NOT_CONTENT = {OUTPUT_MARKER, LOCK_FILE}  # what an otherwise empty folder may hold
+
+
+def read_marker(folder: Path) -> str | None:
+    """The purpose recorded by the command that made `folder`, or None (no marker, or an unreadable one)."""
+    try:
+        marker = json.loads((Path(folder) / OUTPUT_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    purpose = marker.get("purpose") if isinstance(marker, dict) else None
+    return purpose if isinstance(purpose, str) else None
+
+
+def artifact_kind(folder: Path) -> str | None:
+    """What llamalite output `folder` holds: its marker's purpose, else what its files show (folders written before
+    the marker existed); None for a folder that is none."""
+    folder = Path(folder)
+    marked = read_marker(folder)
+    if marked is not None:
+        return marked
+    try:
+        names = set(os.listdir(folder))
+    except OSError:
+        return None
+    if names & {"trainer_state.json", "checksums.json"} or (folder / "dcp" / ".metadata").is_file():
+        return "checkpoint"
+    if names & {"metrics.jsonl", "events.jsonl"} or (folder / "checkpoints" / "latest").exists() or (
+            {"config.yaml", LOCK_FILE} <= names):
+        return "sft-run" if _is_fine_tuning_run(folder) else "run"
+    if ".prepare_progress.json" in names or ("manifest.json" in names and _is_data_manifest(folder / "manifest.json")):
+        return "prepared-data"
+    if "adapter_config.json" in names:
+        return "adapter"
+    if "config.json" in names and names & set(_HF_WEIGHTS):
+        return "hf-export"
+    if {"index.html", "loss.png"} <= names:
+        return "report"
+    return None
+
+
+def _is_fine_tuning_run(folder: Path) -> bool:
+    """A run directory made before markers existed is a fine-tuning run when its config.yaml names an sft.base."""
+    try:
+        text = (folder / "config.yaml").read_text(encoding="utf-8")
+    except (OSError, ValueError):
+        return False
+    sft_section = text.partition("\nsft:\n")[2]
+    return bool(re.search(r"^  base: (?!null$)\S", sft_section, re.MULTILINE))
+
+
+def _is_data_manifest(path: Path) -> bool:
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and "splits" in manifest and "format_version" in manifest
+
+
+@dataclass
+class OutputClaim:
+    """The right to write `path` for `purpose`, granted by claim_output after every check. Nothing exists on disk
+    until create() (or writing()/temp_dir()) makes it."""
+
+    path: Path
+    purpose: str
+    is_file: bool = False
+    _made: list[Path] = field(default_factory=list)  # what this claim created, to remove after a failure
+
+    def create(self) -> Path:
+        """Make the folder (and its parents) with the purpose marker; for a file output, its parent folder."""
+        folder = self.path.parent if self.is_file else self.path
+        try:
+            missing = [p for p in [folder, *folder.parents] if not p.exists()]
+            if missing:
+                folder.mkdir(parents=True, exist_ok=True)
+                self._made.append(missing[-1])
+            marker = folder / OUTPUT_MARKER
+            if not self.is_file and read_marker(folder) != self.purpose:
+                atomic_write_text(marker, json.dumps({"purpose": self.purpose}) + "\n")
+                self._made.append(marker)
+        except OSError as exc:
+            raise ConfigError(f"cannot write {folder} ({exc.strerror or exc}): choose a writable folder") from None
+        return self.path
+
+    def undo(self) -> None:
+        """Remove what this claim created (the folder it made, or the marker it added), nothing else."""
+        for path in reversed(self._made):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        self._made.clear()
+
+    @contextmanager
+    def writing(self, temporaries: tuple[Path, ...] = ()) -> Iterator[Path]:
+        """create(), then the block; if the block fails, undo() and remove the `temporaries` (folders the block
+        writes before its commit) that did not exist before it: an all-or-nothing command leaves nothing behind."""
+        new_temporaries = [Path(t) for t in temporaries if not Path(t).exists()]
+        self.create()
+        try:
+            yield self.path
+        except BaseException:
+            for temporary in new_temporaries:
+                shutil.rmtree(temporary, ignore_errors=True)
+            self.undo()
+            raise
+
+    @contextmanager
+    def temp_dir(self) -> Iterator[Path]:
+        """A new temporary folder beside the output (same filesystem: its files move in by rename), removed when
+        the block ends, however it ends. Its name is new, so no folder of the user's is ever taken for it."""
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp_{self.path.name}.", dir=self.path.parent))
+        try:
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def claim_output(
+    path: str | Path,
+    purpose: str,
+    what: str,
+    *,
+    inputs: tuple[str | Path | None, ...] | list[str | Path | None] = (),
+    force: bool = False,
+    force_hint: str | None = "--force",
+    rerun: bool = False,
+    same_inputs: Callable[[Path], str | None] | None = None,
+    own_slots: tuple[Path, ...] | list[Path] = (),
+) -> OutputClaim:
+    """Check, before anything is written, that a command may write the folder `path` for `purpose` (one of
+    ARTIFACT_NAMES; `what` names it in messages), and return the claim it writes through. Raises ConfigError with
+    one line when it may not:
+
+    - `path` is a file, or lies under one; or cannot be written (read-only, no permission);
+    - `path` is one of `inputs` (what the command reads), lies inside one, or holds one;
+    - `path` lies inside another llamalite artifact (a checkpoint, run directory, prepared data, ...) or is one that
+      the command does not make; `own_slots` are folders inside inputs or artifacts that belong to this purpose
+      (a run's report/ folder);
+    - `path` holds this purpose's earlier output: allowed when `rerun` (the command resumes or updates it) and
+      `same_inputs(path)` gives no reason it was made from other inputs, else only with `force`;
+    - `path` holds other files: allowed only with `force` (the command then replaces its own files of the same
+      names and deletes nothing else). `force_hint` names that opt-in (None: the command has none).
+    """
+    path = Path(path).expanduser()
+    try:
+        return _claim(path, purpose, what, inputs, force, force_hint, rerun, same_inputs, own_slots, is_file=False)
+    except OSError as exc:  # a folder that cannot be listed or read: one line, not a traceback
+        raise ConfigError(f"cannot check {path} for {what} ({exc.strerror or exc}): choose another folder") from None
+
+
+def claim_output_file(
+    path: str | Path,
+    purpose: str,
+    what: str,
+    *,
+    inputs: tuple[str | Path | None, ...] | list[str | Path | None] = (),
+    recognise: Callable[[Path], bool] = lambda path: False,
+) -> OutputClaim:
+    """The same policy for a command that writes one file: `path` may be absent, or a file that `recognise` takes for
+    this purpose's earlier output (then it is replaced); never a folder, an input, nor inside an artifact."""
+    path = Path(path).expanduser()
+    try:
+        if path.is_dir():
+            raise ConfigError(f"{path} is a folder: pass a file path for {what}")
+        _check_inputs(path, inputs, (), what)
+        _check_writable(path.parent, what)
+        _check_not_inside_artifact(path, (), what)
+        if path.exists() and not recognise(path):
+            raise ConfigError(f"{path} exists and is not {ARTIFACT_NAMES.get(purpose, purpose)} written by "
+                              f"llamalite: choose a new file for {what} (it is never overwritten)")
+        return OutputClaim(path, purpose, is_file=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot check {path} for {what} ({exc.strerror or exc}): choose another path") from None
+
+
+def _claim(path: Path, purpose: str, what: str, inputs, force: bool, force_hint: str | None, rerun: bool,
+           same_inputs: Callable[[Path], str | None] | None, own_slots, is_file: bool) -> OutputClaim:
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{path} is a file: pass a folder for {what}")
+    _check_inputs(path, inputs, own_slots, what)
+    _check_writable(path, what)
+    _check_not_inside_artifact(path, own_slots, what)
+    if not path.is_dir():
+        return OutputClaim(path, purpose)
+    kind = artifact_kind(path)
+    if kind is not None and kind != purpose:  # even an empty one: its marker says another command owns it
+        raise ConfigError(f"{path} is {ARTIFACT_NAMES.get(kind, kind)}, not {ARTIFACT_NAMES.get(purpose, purpose)}: "
+                          f"choose a new folder for {what} (llamalite never writes into another of its outputs)")
+    entries = sorted(p.name for p in path.iterdir() if p.name not in _NOT_CONTENT)
+    if not entries:
+        return OutputClaim(path, purpose)
+    opt_in = f", or pass {force_hint} to" if force_hint else ""
+    if kind == purpose and rerun:
+        reason = same_inputs(path) if same_inputs is not None else None
+        if reason is None or force:
+            return OutputClaim(path, purpose)
+        replace = f"{opt_in} replace it (only the files this command writes)" if force_hint else ""
+        raise ConfigError(f"{path} holds {what} made from other inputs ({reason}): choose a new folder{replace}")
+    if force:
+        return OutputClaim(path, purpose)
+    shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+    fix = (f"{opt_in} write into it (files of the same names are replaced; nothing else is deleted)"
+           if force_hint else " (or empty it)")
+    raise ConfigError(f"{path} is not empty ({shown}): choose a new folder for {what}{fix}")
+
+
+def _resolved(path: str | Path) -> Path:
+    return Path(os.path.realpath(Path(path).expanduser()))
+
+
+def _within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _check_inputs(path: Path, inputs, own_slots, what: str) -> None:
+    out = _resolved(path)
+    slots = [_resolved(slot) for slot in own_slots]
+    if any(_within(out, slot) for slot in slots):
+        return
+    for given in inputs:
+        if given is None or str(given) == "":
+            continue
+        source = _resolved(given)
+        if out == source:
+            raise ConfigError(f"{path} is an input of this command: choose another path for {what}")
+        if _within(out, source):
+            raise ConfigError(f"{path} is inside {given}, an input of this command: choose a path outside it "
+                              f"for {what}")
+        if _within(source, out):
+            raise ConfigError(f"{path} holds {given}, an input of this command: choose another folder for {what}")
+
+
+def _is_read_only(folder: Path) -> bool:
+    """No write permission; for root (whom permissions do not stop), a folder without any write bit counts too."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return True
+    return os.geteuid() == 0 and not folder.stat().st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
+
+
+def _check_writable(path: Path, what: str) -> None:
+    """`path`, or the nearest folder above it that exists, must be a folder this process may write."""
+    existing = path
+    while not existing.exists():
+        if existing.is_symlink():
+            raise ConfigError(f"{existing} is a broken link: pass another path for {what}")
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{existing} is a file: pass a path under a folder for {what}")
+    if _is_read_only(existing):
+        raise ConfigError(f"{existing} is read-only: choose a writable folder for {what}")
+
+
+def _check_not_inside_artifact(path: Path, own_slots, what: str) -> None:
+    out, slots = _resolved(path), [_resolved(slot) for slot in own_slots]
+    if any(_within(out, slot) for slot in slots):
+        return
+    for folder in out.parents:
+        if not folder.is_dir():
+            continue
+        kind = artifact_kind(folder)
+        if kind is not None:
+            raise ConfigError(f"{path} is inside {folder}, {ARTIFACT_NAMES.get(kind, kind)}: choose a path outside "
+                              f"it for {what} (llamalite never writes into another of its outputs)")

@@ -21,6 +21,7 @@ Model code stays free of all this: it only takes positions, a mask and a cache (
 from __future__ import annotations
 
 import logging
+import math
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -48,16 +49,21 @@ class SamplingOptions:
     stop: Sequence[str] = ()  # stop strings, checked on the decoded text of the new tokens
 
     def validate(self) -> None:
-        if self.max_new_tokens < 0:
-            raise ConfigError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ConfigError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
-        if self.top_k is not None and self.top_k < 0:
-            raise ConfigError(f"top_k must be >= 0 (0 keeps every token), got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        """Comparisons written so that NaN fails them; a non-integer count is refused, not truncated."""
+        if not _is_count(self.max_new_tokens):
+            raise ConfigError(f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
+        if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature < math.inf:
+            raise ConfigError(f"temperature must be a finite number >= 0 (0 is greedy), got {self.temperature!r}")
+        if self.top_k is not None and not _is_count(self.top_k):
+            raise ConfigError(f"top_k must be an integer >= 0 (0 keeps every token), got {self.top_k!r}")
+        if self.top_p is not None and (not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1):
+            raise ConfigError(f"top_p must be in (0, 1], e.g. 0.9, got {self.top_p!r}")
         if any(not s for s in self.stop):
             raise ConfigError("stop strings must not be empty")
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 @dataclass

@@ -44,6 +44,8 @@ class _ConsoleHandler(logging.Handler):
             stream = sys.stderr if self.all_to_stderr or record.levelno >= logging.WARNING else sys.stdout
             tqdm.write(self.format(record), file=stream)
             stream.flush()
+        except BrokenPipeError:  # the reader went away: cli.main ends the command quietly, as SIGPIPE would
+            raise
         except Exception:  # logging must never take the program down
             self.handleError(record)
 

@@ -71,9 +71,9 @@ def gpu_hardware(gpu: str, gpus: int, memory: str | None, flops: float | None, m
                           "--gpu-flops")
     if gpus < 1:
         raise ConfigError(f"--gpus {gpus}: a run needs at least one GPU")
-    if not 0 < mfu <= 1:
+    if not 0 < mfu <= 1:  # NaN included
         raise ConfigError(f"--mfu {mfu}: model-FLOPs utilisation is a fraction in (0, 1], e.g. 0.4")
-    if flops is not None and flops <= 0:
+    if flops is not None and not (0 < flops < math.inf):
         raise ConfigError(f"--gpu-flops {flops:g}: give the GPU's dense bf16 peak in FLOP/s, e.g. 989e12")
     mebibytes, flops_key = GPUS[gpu]
     return Hardware(gpus=gpus, memory=parse_gpu_memory(memory) if memory else mebibytes * 2**20,
@@ -83,8 +83,8 @@ def gpu_hardware(gpu: str, gpus: int, memory: str | None, flops: float | None, m
 def parse_gpu_memory(text: str) -> float:
     """'80GB' or '80GiB' -> 80 * 2**30 bytes: GPU makers' GB is a binary one (an '80 GB' H100 holds 79.6 GiB)."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(gb|gib|g|mb|mib|m|tb|tib|t)\s*", str(text), flags=re.IGNORECASE)
-    if not match or float(match.group(1)) <= 0:
-        raise ConfigError(f"--gpu-memory {text!r} is not a memory size: write e.g. 80GB or 48GiB")
+    if not match or not 0 < float(match.group(1)) < 1e9:  # over an exabyte: digits typed by mistake
+        raise ConfigError(f"--gpu-memory {str(text)[:40]!r} is not a memory size: write e.g. 80GB or 48GiB")
     scale = {"g": 2**30, "m": 2**20, "t": 2**40}[match.group(2)[0].lower()]
     return float(match.group(1)) * scale
 

@@ -19,6 +19,7 @@ import copy
 import json
 import logging
 import tempfile
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from llamalite.checkpoint.format import write_checkpoint_dir
+from llamalite.checkpoint.format import temp_dir_of, write_checkpoint_dir
 from llamalite.checkpoint.inference import InferenceModel, load_for_inference
 from llamalite.config import Config
 from llamalite.data.sft import (
@@ -39,7 +40,7 @@ from llamalite.data.sft import (
     template_from_config,
 )
 from llamalite.errors import CheckpointError, ConfigError
-from llamalite.files import check_output_dir
+from llamalite.files import claim_output
 from llamalite.generate import SamplingOptions, generate_ids
 from llamalite.model.llama import ModelConfig
 from llamalite.model.lora import add_lora, save_adapter
@@ -82,6 +83,7 @@ class SFTTrainer(Trainer):
     """The Trainer on instruction data: LoRA or full fine-tuning of `sft.base`."""
 
     activity = "fine-tuned"
+    run_purpose = "sft-run"  # never resumes or writes into a pretraining run directory, nor the other way round
 
     def __init__(self, config: Config):
         if config.sft.method not in METHODS:
@@ -95,10 +97,7 @@ class SFTTrainer(Trainer):
 
     # -- Trainer hooks
     def build_tokenizer(self) -> Tokenizer:
-        tokenizer = self.base.tokenizer
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        tokenizer.save(self.data_dir / "tokenizer.json")  # the run directory's: its checkpoints find it there
-        return tokenizer
+        return self.base.tokenizer  # saved into the run directory once it is claimed (on_run_dir_ready)
 
     def build_model(self) -> nn.Module:
         model = self.base.model
@@ -146,7 +145,11 @@ class SFTTrainer(Trainer):
         return [{"step": self.step, "prompt": prompt, "completion": answer.text, "finish_reason": answer.finish_reason}
                 for prompt, answer in zip(prompts, answers)]
 
+    def run_inputs(self) -> list[Path | str | None]:
+        return [self.config.sft.base, self.base.path, self.config.sft.data]
+
     def on_run_dir_ready(self, run_dir: Path) -> None:
+        self.tokenizer.save(run_dir / "tokenizer.json")  # the run directory's: its checkpoints find it there
         report = {"data": self.config.sft.data, "template": self.config.sft.template, **self.data.stats.to_dict()}
         (run_dir / SFT_DATA_REPORT).write_text(json.dumps(report, indent=2))
 
@@ -199,21 +202,27 @@ def merge(checkpoint_path: Path, out_dir: Path, adapter_out: Path | None = None,
     `adapter_out` gets the adapters in PEFT format under transformers' names, for the transformers export of the
     base; its adapter_config.json names `adapter_base` (that export's folder or Hub id) as the base model, else the
     base checkpoint the run was fine-tuned from."""
-    check_output_dir(out_dir, force, "the merged checkpoint")
+    claim = claim_output(out_dir, "checkpoint", "the merged checkpoint", inputs=(checkpoint_path, adapter_out),
+                         force=force)
+    adapter_claim = None
     if adapter_out is not None:
-        check_output_dir(adapter_out, force, "the adapter")
+        adapter_claim = claim_output(adapter_out, "adapter", "the adapter", inputs=(checkpoint_path, out_dir),
+                                     force=force)
     loaded = load_for_inference(checkpoint_path)
     model, adapter = loaded.model, loaded.adapter
     if adapter is None and adapter_out is not None:
         raise CheckpointError(f"{loaded.path} has no LoRA adapters (sft.method=full or a pretraining run): "
                               "drop --adapter-out")
-    if adapter is not None:
-        if adapter_out is not None:
-            save_adapter(adapter, Path(adapter_out), adapter_base or loaded.config.sft.base)
-        model = adapter.merge_and_unload()
-    merged_state = {key: value for key, value in loaded.state.items() if key not in ("loader", "stability")}
-    merged_state["merged_from"] = str(loaded.path)
-    with tempfile.TemporaryDirectory() as tmp:
+    with ExitStack() as writing:
+        if adapter is not None:
+            if adapter_claim is not None:
+                writing.enter_context(adapter_claim.writing())
+                save_adapter(adapter, Path(adapter_out), adapter_base or loaded.config.sft.base)
+            model = adapter.merge_and_unload()
+        merged_state = {key: value for key, value in loaded.state.items() if key not in ("loader", "stability")}
+        merged_state["merged_from"] = str(loaded.path)
+        writing.enter_context(claim.writing(temporaries=(temp_dir_of(Path(out_dir)),)))
+        tmp = writing.enter_context(tempfile.TemporaryDirectory())
         tokenizer_file = Path(tmp) / "tokenizer.json"
         loaded.tokenizer.save(tokenizer_file)
         return write_checkpoint_dir(Path(out_dir), model, None, merged_state, keep_other_files=True,

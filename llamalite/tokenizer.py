@@ -28,11 +28,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from llamalite.errors import DataError
 from llamalite.files import atomic_write_text, sha256_file
+from llamalite.records import read_json
+from llamalite.text import clean_text
 from llamalite.tiktoken_bpe import TiktokenBPE, tiktoken_bpe
 
 if TYPE_CHECKING:  # config imports the model (torch); tokenizer worker processes must stay light
@@ -46,6 +48,11 @@ HUB_GPT2_FILES = ("vocab.json", "merges.txt")  # the fallback for repos without 
 _HUB_ID = re.compile(r"^(?P<repo>(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[\w./-]+))?$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _PROBE_TEXT = "a"  # encoded with and without special tokens to find what the post-processor adds
+# BPE training costs O(length) per merge for every pre-token a merge touches, so one long run without a space (DNA,
+# base64, a minified file) made it quadratic: 100k letters 3.1 s, 200k 13 s. While training, such runs are cut into
+# pieces of this many characters (a merge never spans more; production trainers cap their pieces alike), which keeps
+# training linear (2M letters: 1.5 s); text whose runs are all shorter trains exactly as before.
+TRAINING_PIECE_CHARS = 256
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +121,7 @@ class Tokenizer:
                 f"set it above {BYTE_ALPHABET_SIZE} (e.g. 4096)"
             )
         inner = HFTokenizer(models.BPE())
-        inner.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        inner.pre_tokenizer = _capped_pieces(pre_tokenizers.ByteLevel(add_prefix_space=False))
         inner.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,
@@ -123,6 +130,7 @@ class Tokenizer:
             show_progress=False,
         )
         inner.train_from_iterator(texts, trainer)
+        inner.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # encoding never cuts a run
         return cls(inner, eos_token, source="the trained tokenizer")
 
     @classmethod
@@ -149,7 +157,10 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """The ids of `text` alone: for a piece that continues a sequence (a continuation, a chat segment)."""
-        return self._inner.encode(text, add_special_tokens=False).ids
+        try:
+            return self._inner.encode(text, add_special_tokens=False).ids
+        except TypeError:  # a lone surrogate (JSON's "\ud800"), which tokenizers refuses
+            return self._inner.encode(_valid_texts([text])[0], add_special_tokens=False).ids
 
     def encode_sequence(self, text: str) -> list[int]:
         """The ids of `text` as the start of what the model reads: `start_ids` first (the BOS rule); an empty text
@@ -159,7 +170,10 @@ class Tokenizer:
     def encode_sequences(self, texts: list[str]) -> list[list[int]]:
         """encode_sequence() of each text, in one batch (tokenizers' own: building tiktoken's encoding would cost more
         than a few thousand texts take)."""
-        encodings = self._inner.encode_batch_fast(texts, add_special_tokens=False)
+        try:
+            encodings = self._inner.encode_batch_fast(texts, add_special_tokens=False)
+        except TypeError:  # a lone surrogate, as in encode()
+            encodings = self._inner.encode_batch_fast(_valid_texts(texts), add_special_tokens=False)
         return [self._as_sequence(encoding.ids) for encoding in encodings]
 
     def _as_sequence(self, ids: list[int]) -> list[int]:
@@ -376,23 +390,34 @@ def _hub_error(given: str, repo_id: str, revision: str | None, reason: str) -> D
     )
 
 
+def _capped_pieces(pre_tokenizer: Any) -> Any:
+    """`pre_tokenizer` after runs of more than TRAINING_PIECE_CHARS non-space characters are cut into such pieces."""
+    long_run = Regex(rf"\S{{{TRAINING_PIECE_CHARS}}}")
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(long_run, behavior="isolated"), pre_tokenizer])
+
+
 def _read_tokenizer_json(path: Path) -> HFTokenizer:
     try:
         return HFTokenizer.from_file(str(path))
     except Exception as exc:  # tokenizers raises a bare Exception with the serde message
-        raise DataError(f"{path} is not a valid tokenizer.json ({str(exc).splitlines()[0]}): "
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise DataError(f"{path} is not a valid tokenizer.json ({reason}): "
                         "point tokenizer.path at a Hugging Face tokenizer.json") from None
 
 
 def _gpt2_style_from_files(folder: Path, eos_token: str) -> HFTokenizer:
     vocab_file, merges_file = folder / "vocab.json", folder / "merges.txt"
-    with open(vocab_file, encoding="utf-8") as f:
-        if eos_token not in json.load(f):
-            raise DataError(
-                f"end-of-text token {eos_token!r} is not in {vocab_file}: "
-                "set tokenizer.eos_token to the vocabulary's separator"
-            )
-    inner = HFTokenizer(models.BPE.from_file(str(vocab_file), str(merges_file)))
+    fix = "point tokenizer.path at a folder with GPT-2's vocab.json + merges.txt, or at a tokenizer.json"
+    if eos_token not in read_json(vocab_file, "the vocabulary", fix):
+        raise DataError(
+            f"end-of-text token {eos_token!r} is not in {vocab_file}: "
+            "set tokenizer.eos_token to the vocabulary's separator"
+        )
+    try:
+        inner = HFTokenizer(models.BPE.from_file(str(vocab_file), str(merges_file)))
+    except Exception as exc:  # tokenizers raises a bare Exception naming what it could not parse
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise DataError(f"{vocab_file} + {merges_file} are not a BPE vocabulary ({reason}): {fix}") from None
     inner.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     inner.decoder = decoders.ByteLevel()
     # As a special token it is matched whole instead of being split by BPE; its id is the vocab's (50256 in GPT-2).
@@ -413,3 +438,8 @@ def _ids_added_around_text(inner: HFTokenizer) -> tuple[tuple[int, ...], tuple[i
 def _special_tokens_hint(inner: HFTokenizer) -> str:
     specials = [token.content for token in inner.get_added_tokens_decoder().values() if token.special]
     return ", ".join(repr(s) for s in specials[:5]) or "it has none"
+
+
+def _valid_texts(texts: list[str]) -> list[str]:
+    """Texts whose lone surrogates are U+FFFD (llamalite/text.py's rule); what is not a str is left to fail."""
+    return [clean_text(text, "text to tokenize") if isinstance(text, str) else text for text in texts]

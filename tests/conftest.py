@@ -10,6 +10,14 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 WORDS = "the king queen lord lady speak night day love war crown sword heart fair foul good bad come go now".split()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache_dir(tmp_path_factory):
+    """The shard-verification cache (normally ~/.cache/llamalite) of this test session, its subprocesses included."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LLAMALITE_CACHE_DIR", str(tmp_path_factory.mktemp("llamalite-cache")))
+        yield
+
+
 def synthetic_documents(count: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(150, 400))) + "." for _ in range(count)]

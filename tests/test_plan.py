@@ -130,8 +130,6 @@ def test_time_follows_mfu_and_gpus():
 
 @pytest.mark.parametrize("args,message", [
     (["--gpu", "h300"], "unknown --gpu 'h300'"),
-    (["--gpus", "0"], "--gpus 0"),
-    (["--mfu", "45"], "--mfu 45.0"),
     (["--gpu-memory", "lots"], "--gpu-memory 'lots' is not a memory size"),
     (["train.batch_tokens=1000"], "train.batch_tokens=1000 is not a multiple"),
     (["train.activation_checkpointing=some"], "unknown train.activation_checkpointing 'some'"),
@@ -140,6 +138,16 @@ def test_bad_input_is_one_line(args, message, capsys):
     assert main(["plan", str(DMAS), *args]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--gpus", "0"], "argument --gpus: '0' is out of range"),
+    (["--mfu", "45"], "argument --mfu: '45' is out of range: must be a number in (0, 1]"),
+])
+def test_out_of_range_options_are_usage_errors(args, message, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["plan", str(DMAS), *args])
+    assert exited.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_overrides_may_follow_the_options(capsys):
@@ -153,8 +161,10 @@ def test_gpu_memory_units_and_gpu_table():
     a6000 = gpu_hardware("a6000", 4, None, None, 0.4)
     assert a6000.memory == 49_140 * 2**20 and a6000.peak_flops == pytest.approx(154.8e12)
     assert gpu_hardware("h100", 8, "40GB", 5e14, 0.3).memory == 40 * GIB
-    with pytest.raises(TrainError):
-        plan_run(load_config(DMAS, ["train.micro_batch_size=3"]), Hardware(gpus=8))
+    with pytest.raises(ConfigError, match="train.batch_tokens=524288 is not a multiple"):  # refused at load
+        load_config(DMAS, ["train.micro_batch_size=3"])
+    with pytest.raises(TrainError):  # the world size's part, known when the run is planned
+        plan_run(load_config(DMAS, ["train.batch_tokens=3145728"]), Hardware(gpus=7))
 
 
 def test_vocab_left_to_the_tokenizer_is_padded():

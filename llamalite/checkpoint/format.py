@@ -15,7 +15,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import pickle
 import random
 import re
 import resource
@@ -31,8 +30,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from llamalite.checkpoint.safe_pickle import load_weights_only
 from llamalite.errors import CheckpointError
 from llamalite.files import atomic_write_text, fsync, move_into, sha256_file
+from llamalite.records import contained_path, read_json
 
 CHECKSUMS = "checksums.json"
 LATEST = "latest"
@@ -103,14 +104,15 @@ def is_sharded(checkpoint_dir: Path) -> bool:
 def read_state(checkpoint_dir: Path) -> dict[str, Any]:
     """trainer_state.json of a checkpoint directory: the one reader of that file."""
     path = Path(checkpoint_dir) / STATE_FILE
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing: pass a complete checkpoint directory") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"{path} is not valid JSON (a damaged checkpoint): use another checkpoint") from None
-    if not isinstance(state, dict) or "step" not in state or "config" not in state:
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: pass a complete checkpoint directory")
+    state = read_json(path, "the checkpoint state", "use another checkpoint", error=CheckpointError)
+    if "step" not in state or "config" not in state:
         raise CheckpointError(f"{path} lacks step or config (not a llamalite checkpoint): use another checkpoint")
+    if isinstance(state["step"], bool) or not isinstance(state["step"], int) or state["step"] < 0:
+        raise CheckpointError(f"{path} has step {state['step']!r}, not a count of steps: use another checkpoint")
+    if not isinstance(state["config"], dict):
+        raise CheckpointError(f"{path} has a config that is not a JSON object: use another checkpoint")
     return state
 
 
@@ -121,18 +123,16 @@ def verify_checkpoint(path: Path, wanted: Callable[[str], bool] | None = None) -
     checksums_file = path / CHECKSUMS
     if not checksums_file.is_file():
         raise CheckpointError(f"{path} has no {CHECKSUMS} (an incomplete write): use another checkpoint")
-    try:
-        checksums = json.loads(checksums_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"{checksums_file} is not valid JSON (a damaged checkpoint): use another checkpoint") \
-            from None
+    checksums = read_json(checksums_file, "the checksums file", "use another checkpoint", error=CheckpointError)
     weights = f"{SHARDED_DIR}/.metadata" if f"{SHARDED_DIR}/.metadata" in checksums else WEIGHTS_FILE
     for name in (weights, STATE_FILE):
         if name not in checksums:
             raise CheckpointError(f"{path} lacks {name} (an incomplete checkpoint): use another checkpoint")
     verified = [name for name in checksums if wanted is None or wanted(name)]
     for name in verified:
-        file = path / name
+        file = contained_path(path, name, f"{checksums_file}", "use another checkpoint", error=CheckpointError)
+        if not isinstance(checksums[name], str):
+            raise CheckpointError(f"{checksums_file} gives {name} no sha256 string: use another checkpoint")
         if not file.is_file():
             raise CheckpointError(f"{file} is missing: the checkpoint is incomplete, use another one")
         if sha256_file(file) != checksums[name]:
@@ -163,15 +163,9 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def read_tensors_pickle(path: Path, map_location: str | torch.device) -> Any:
-    """optimizer.pt or rng.pt, unpickled with torch's weights_only loader: tensors and plain containers only."""
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        raise CheckpointError(f"refusing to load {path}: it holds objects other than tensors "
-                              "(not written by llamalite?); use another checkpoint") from None
-    except (RuntimeError, EOFError, OSError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"{path} cannot be read ({reason}): use another checkpoint") from None
+    """optimizer.pt or rng.pt, unpickled with torch's weights_only loader: tensors and plain containers only; any
+    other content, or a file torch cannot read, is a one-line CheckpointError (checkpoint/safe_pickle.py)."""
+    return load_weights_only(path, path, map_location)
 
 
 def newest_valid_checkpoint(checkpoints_dir: Path, on_corrupt=None) -> Checkpoint | None:

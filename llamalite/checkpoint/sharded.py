@@ -33,7 +33,7 @@ from llamalite.checkpoint.format import (
 )
 from llamalite.config import Config, config_from_dict
 from llamalite.errors import CheckpointError
-from llamalite.files import check_output_dir
+from llamalite.files import claim_output
 from llamalite.model.llama import Llama
 from llamalite.runtime import barrier, is_main_process
 
@@ -64,7 +64,6 @@ def save_sharded(checkpoint_dir: Path, model: nn.Module, optimizer: torch.optim.
 def load_sharded(checkpoint_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
                  load_model: bool = True) -> None:
     """Load a sharded checkpoint into a model sharded for any world size, or into a plain model (DCP reshards)."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
         get_optimizer_state_dict,
@@ -72,13 +71,15 @@ def load_sharded(checkpoint_dir: Path, model: nn.Module, optimizer: torch.optim.
         set_optimizer_state_dict,
     )
 
+    from llamalite.checkpoint.dcp_reader import dcp_load
+
     reshard_all(model)
     state: dict[str, Any] = {}
     if load_model:
         state["model"] = get_model_state_dict(model)
     if optimizer is not None:
         state["optimizer"] = get_optimizer_state_dict(model, optimizer)
-    dcp.load(state, checkpoint_id=str(checkpoint_dir / SHARDED_DIR))
+    dcp_load(state, checkpoint_dir / SHARDED_DIR)  # the one DCP read: nothing in the files can run code
     if load_model:
         set_model_state_dict(model, state["model"])
     if optimizer is not None:
@@ -146,7 +147,7 @@ def consolidate(checkpoint_dir: Path, out_dir: Path, build_optimizer: OptimizerF
                               "pass a checkpoint directory written with train.parallel=fsdp")
     if out_dir.resolve() == checkpoint_dir.resolve():
         raise CheckpointError(f"consolidating {checkpoint_dir} into itself: pass another output directory")
-    check_output_dir(out_dir, force, "the consolidated checkpoint")
+    claim = claim_output(out_dir, "checkpoint", "the consolidated checkpoint", inputs=(checkpoint_dir,), force=force)
     verify_checkpoint(checkpoint_dir)
     state = read_state(checkpoint_dir)
     config = config_from_dict(state["config"])
@@ -156,5 +157,6 @@ def consolidate(checkpoint_dir: Path, out_dir: Path, build_optimizer: OptimizerF
     rng_file = checkpoint_dir / RNG_FILE
     if rng_file.exists():  # write_checkpoint_dir captures the current RNG: make it the saved one
         restore_rng_state(read_tensors_pickle(rng_file, "cpu"))
-    return write_checkpoint_dir(out_dir, model, optimizer, state, keep_other_files=True)
+    with claim.writing(temporaries=(temp_dir_of(out_dir),)):
+        return write_checkpoint_dir(out_dir, model, optimizer, state, keep_other_files=True)
 

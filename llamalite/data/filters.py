@@ -114,6 +114,9 @@ def check_document_counts(data: DataConfig, document_filter: DocumentFilter) -> 
             f"no documents left after filtering {document_filter.seen:,} ({document_filter.describe_dropped()}): "
             "lower data.min_chars / data.min_score or add sources"
         )
+    if kept < FEW_DOCUMENTS and (document_filter.kept["train"] == 0
+                                 or (data.val_fraction > 0 and document_filter.kept["val"] == 0)):
+        raise _too_few_documents(data, document_filter)
     if document_filter.kept["train"] == 0:
         raise DataError(
             f"all {kept:,} documents landed in the validation split: lower data.val_fraction or add documents"
@@ -124,6 +127,18 @@ def check_document_counts(data: DataConfig, document_filter: DocumentFilter) -> 
             f"no document landed in the validation split ({kept:,} documents, val_fraction={data.val_fraction}): "
             f"raise data.val_fraction (e.g. to {suggestion:.2g}) or add documents"
         )
+
+
+def _too_few_documents(data: DataConfig, document_filter: DocumentFilter) -> DataError:
+    """A split left empty because the sources gave too few documents to split at all, often a text source whose
+    separator does not occur: the fraction is named as a fix only where two or more documents make it one."""
+    kept = sum(document_filter.kept.values())
+    empty = "training" if document_filter.kept["train"] == 0 else "validation"
+    fixes = _more_documents_hint(data, "train")
+    if kept > 1:
+        fixes += ", or lower data.val_fraction" if empty == "training" else ", or raise data.val_fraction (e.g. to 0.5)"
+    return DataError(f"the {empty} split is empty: the sources gave only {kept} document{'' if kept == 1 else 's'} "
+                     f"after filtering (fewer than {FEW_DOCUMENTS}): {fixes}")
 
 
 def warn_about_small_splits(data: DataConfig, document_filter: DocumentFilter) -> None:

@@ -13,7 +13,6 @@ world size), so a global batch that straddles an epoch boundary can hold one win
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,20 +20,52 @@ from typing import Any
 import numpy as np
 import torch
 
-from llamalite.data.shards import read_shard
+from llamalite.data.shards import read_shard, verify_shard
 from llamalite.errors import DataError
+from llamalite.records import contained_path, expect_type, read_json
 
 MANIFEST_FILE = "manifest.json"
+MANIFEST_FIX = "rerun `llamalite prepare CONFIG`"
 
 
-def read_manifest(data_dir: str | Path) -> dict[str, Any]:
+def read_manifest(data_dir: str | Path, need_tokenizer: bool = True) -> dict[str, Any]:
+    """manifest.json of prepared data, after checking the fields the loader (and, with `need_tokenizer`, the
+    trainer) read."""
     path = Path(data_dir) / MANIFEST_FILE
     if not path.is_file():
         raise DataError(f"no {MANIFEST_FILE} in {data_dir}: run `llamalite prepare CONFIG` first")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path} is not valid JSON ({exc}): rerun `llamalite prepare CONFIG`") from None
+    manifest = read_json(path, "the manifest", MANIFEST_FIX)
+    check_manifest(manifest, path, need_tokenizer)
+    return manifest
+
+
+def check_manifest(manifest: dict[str, Any], path: Path, need_tokenizer: bool = True) -> None:
+    """Every field read from a manifest has its type, and every file it names lies inside its folder."""
+    def need(value: Any, kind: type | tuple[type, ...], field: str) -> Any:
+        return expect_type(value, kind, f"{path} field {field}", MANIFEST_FIX)
+
+    for field in ("splits", "tokenizer") if need_tokenizer else ("splits",):
+        if field not in manifest:
+            raise DataError(f"{path} lacks the field {field!r}: {MANIFEST_FIX}")
+    if "tokenizer" in manifest:
+        tokenizer = need(manifest["tokenizer"], dict, "tokenizer")
+        contained_path(path.parent, tokenizer.get("file"), f"{path} field tokenizer.file", MANIFEST_FIX)
+    for name, split in need(manifest["splits"], dict, "splits").items():
+        need(split, dict, f"splits.{name}")
+        need(split.get("tokens"), int, f"splits.{name}.tokens")
+        for number, shard in enumerate(need(split.get("shards"), list, f"splits.{name}.shards")):
+            where = f"splits.{name}.shards[{number}]"
+            need(shard, dict, where)
+            contained_path(path.parent, shard.get("file"), f"{path} field {where}.file", MANIFEST_FIX)
+            need(shard.get("tokens"), int, f"{where}.tokens")
+            need(shard.get("sha256"), str, f"{where}.sha256")
+
+
+def manifest_vocab_size(manifest: dict[str, Any]) -> int | None:
+    """The number of token ids the data may hold: the model vocabulary the manifest records (None if it has none)."""
+    tokenizer = manifest.get("tokenizer", {})
+    size = tokenizer.get("padded_vocab_size", tokenizer.get("size"))
+    return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
 
 
 class TokenWindows:
@@ -46,12 +77,13 @@ class TokenWindows:
         self.data_dir = Path(data_dir)
         self.split = split
         self.seq_len = seq_len
-        manifest = read_manifest(data_dir)
-        splits = manifest.get("splits", {})
+        manifest = read_manifest(data_dir, need_tokenizer=False)
+        splits = manifest["splits"]
         if split not in splits:
             raise DataError(f"{data_dir} has no {split!r} split (it has {', '.join(splits) or 'none'}): "
                             "rerun `llamalite prepare CONFIG`")
         shards = splits[split]["shards"]
+        self.vocab_size = manifest_vocab_size(manifest)
         self.shards = [self._open(shard) for shard in shards]
         windows_per_shard = np.array([max(0, (len(tokens) - 1) // seq_len) for tokens in self.shards], dtype=np.int64)
         self._first_window = np.concatenate([[0], np.cumsum(windows_per_shard)])
@@ -61,12 +93,14 @@ class TokenWindows:
         self.tokens = int(splits[split]["tokens"])
 
     def _open(self, shard: dict[str, Any]) -> np.ndarray:
-        tokens = read_shard(self.data_dir / shard["file"])
+        path = contained_path(self.data_dir, shard["file"], f"{self.data_dir / MANIFEST_FILE}", MANIFEST_FIX)
+        tokens = read_shard(path)
         if len(tokens) != shard["tokens"]:
             raise DataError(
-                f"{self.data_dir / shard['file']} holds {len(tokens):,} tokens, the manifest says {shard['tokens']:,}: "
+                f"{path} holds {len(tokens):,} tokens, the manifest says {shard['tokens']:,}: "
                 "rerun `llamalite prepare CONFIG`"
             )
+        verify_shard(path, tokens, shard["sha256"], self.vocab_size)
         return tokens
 
     def window(self, index: int) -> np.ndarray:

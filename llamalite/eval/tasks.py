@@ -13,7 +13,6 @@ so that scores are comparable with what the field reports:
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -22,10 +21,12 @@ from typing import Any
 
 from llamalite.errors import DataError, did_you_mean
 from llamalite.files import sha256_file
+from llamalite.records import parse_json, parse_jsonl
 
 MULTIPLE_CHOICE = "multiple_choice"
 LOGLIKELIHOOD = "loglikelihood"
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
+TASK_FILE_FIX = "task files are JSON Lines, a JSON array or Parquet in the task's Hugging Face schema"
 
 
 @dataclass(frozen=True)
@@ -197,27 +198,23 @@ def read_records(path: Path, limit: int | None = None) -> tuple[list[dict[str, A
     if name.endswith(".parquet"):
         import pyarrow.parquet as pq
 
-        records = pq.read_table(path).to_pylist()
+        try:
+            records = pq.read_table(path).to_pylist()
+        except Exception as exc:  # pyarrow's ArrowInvalid, OSError, ...: a damaged or foreign file
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise DataError(f"{path} is not a readable Parquet file ({reason[:160]}): {TASK_FILE_FIX}") from None
         return records[:limit], len(records)
     raw = path.read_bytes()  # json parses UTF-8 bytes itself: nothing past the limit is decoded
     if name.endswith(".json"):
         try:
-            data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            data = None
+            data = parse_json(raw, str(path), TASK_FILE_FIX)
+        except DataError:
+            data = None  # perhaps JSON Lines under a .json name: read below, line by line
         if isinstance(data, dict) and isinstance(data.get("data"), list):
             data = data["data"]
         if isinstance(data, list):
             return data[:limit], len(data)
-    lines = [(number, line) for number, line in enumerate(raw.splitlines(), 1) if line.strip()]
-    records = []
-    for number, line in lines[:limit]:
-        try:
-            records.append(json.loads(line))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise DataError(f"{path} line {number} is not JSON: task files are JSON Lines, a JSON array "
-                            "or Parquet in the task's Hugging Face schema") from None
-    return records, len(lines)
+    return parse_jsonl(raw, str(path), TASK_FILE_FIX, expect=object, limit=limit)
 
 
 def read_hub(spec: TaskSpec) -> list[dict[str, Any]]:

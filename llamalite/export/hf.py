@@ -11,28 +11,31 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer as HFTokenizer
 
 from llamalite import __version__
-from llamalite.checkpoint.format import load_model_tensors, model_tensors, write_checkpoint_dir
+from llamalite.checkpoint.format import load_model_tensors, model_tensors, temp_dir_of, write_checkpoint_dir
 from llamalite.checkpoint.inference import load_for_inference
 from llamalite.config import Config
 from llamalite.data.sft import jinja_template, trained_template
 from llamalite.errors import ExportError
-from llamalite.files import check_output_dir, move_into, read_jsonl
+from llamalite.files import claim_output, move_into, read_jsonl
 from llamalite.model.llama import Llama, ModelConfig, hf_name, name_from_hf
+from llamalite.records import contained_path, expect_type, fields_of, read_json
 from llamalite.tokenizer import Tokenizer
 
 DTYPES = {"fp32": (torch.float32, "float32"), "bf16": (torch.bfloat16, "bfloat16")}
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+IMPORT_FIX = "pass a transformers model folder saved with save_pretrained(..., safe_serialization=True)"
+HF_SIZES = ("vocab_size", "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
+            "intermediate_size", "max_position_embeddings")
 SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 # LlamaConfig's defaults, for keys a config.json leaves out.
@@ -61,7 +64,7 @@ def export_checkpoint(
     if dtype not in DTYPES:
         raise ExportError(f"unknown export dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     max_shard_bytes = parse_size(shard_size)
-    check_output_dir(out_dir, force, "the export")
+    claim = claim_output(out_dir, "hf-export", "the export", inputs=(checkpoint, tokenizer_path), force=force)
     loaded = load_for_inference(checkpoint, tokenizer_path, allow_lora=False)  # LoRA: `llamalite merge` first
     checkpoint, state, tokenizer, model = loaded.path, loaded.state, loaded.tokenizer, loaded.model
     check_exportable(model.config)
@@ -69,18 +72,16 @@ def export_checkpoint(
     torch_dtype, dtype_name = DTYPES[dtype]
     special = special_tokens(state, tokenizer)
 
-    tmp = out_dir.parent / f".tmp_{out_dir.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_weights(hf_tensors(model, vocab_size, torch_dtype), tmp, max_shard_bytes)
-    write_json(tmp / "config.json", hf_config(model.config, vocab_size, dtype_name, special))
-    write_json(tmp / "generation_config.json",
-               {key: special[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")})
-    tokenizer.save(tmp / "tokenizer.json")
-    write_json(tmp / "tokenizer_config.json",
-               tokenizer_config(special, tokenizer, model.config.max_seq_len, state["config"]))
-    (tmp / "README.md").write_text(model_card(checkpoint, state, model, vocab_size, dtype_name))
-    move_into(tmp, out_dir, weights=HF_WEIGHT_FILES)
+    with claim.writing(), claim.temp_dir() as tmp:  # a failure leaves neither the temporary nor a new out_dir
+        save_weights(hf_tensors(model, vocab_size, torch_dtype), tmp, max_shard_bytes)
+        write_json(tmp / "config.json", hf_config(model.config, vocab_size, dtype_name, special))
+        write_json(tmp / "generation_config.json",
+                   {key: special[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")})
+        tokenizer.save(tmp / "tokenizer.json")
+        write_json(tmp / "tokenizer_config.json",
+                   tokenizer_config(special, tokenizer, model.config.max_seq_len, state["config"]))
+        (tmp / "README.md").write_text(model_card(checkpoint, state, model, vocab_size, dtype_name))
+        move_into(tmp, out_dir, weights=HF_WEIGHT_FILES)
     return out_dir
 
 
@@ -146,8 +147,8 @@ def parse_size(text: str) -> int:
     """'5GB' -> 5 * 10**9, '2GiB' -> 2 * 2**30, '1000' -> 1000 bytes (transformers' convention)."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
     unit = match.group(2).lower() if match else None
-    if unit not in SIZE_UNITS or float(match.group(1)) <= 0:
-        raise ExportError(f"shard size {text!r} is not a size: write e.g. 5GB, 500MB or 2GiB")
+    if unit not in SIZE_UNITS or not 1 <= float(match.group(1)) * SIZE_UNITS[unit] < 2**63:  # NaN/inf: no match
+        raise ExportError(f"shard size {str(text)[:40]!r} is not a size: write e.g. 5GB, 500MB or 2GiB")
     return int(float(match.group(1)) * SIZE_UNITS[unit])
 
 
@@ -234,15 +235,15 @@ def origin(state: dict[str, Any]) -> str:
 
 
 def final_val_loss(run_dir: Path | None, step: int) -> str:
-    rows = [r for r in read_jsonl(run_dir / "metrics.jsonl")
-            if "val/loss" in r and r["step"] <= step] if run_dir else []
+    rows = [r for r in _stepped(read_jsonl(run_dir / "metrics.jsonl"))
+            if isinstance(r.get("val/loss"), (int, float)) and r["step"] <= step] if run_dir else []
     return f"{rows[-1]['val/loss']:.4f} (step {rows[-1]['step']:,})" if rows else "none recorded"
 
 
 def eval_table(run_dir: Path | None, step: int) -> list[str]:
     """evals.jsonl's benchmark results as a Markdown table with standard errors: those of the exported step if it
     was evaluated, else those of the newest evaluated step (records carry `eval/<task>/<metric>` under "metrics")."""
-    records = [r for r in (read_jsonl(run_dir / "evals.jsonl") if run_dir else []) if _benchmarks(r)]
+    records = [r for r in _stepped(read_jsonl(run_dir / "evals.jsonl") if run_dir else []) if _benchmarks(r)]
     if not records:
         return ["None recorded (no benchmark results in the run's evals.jsonl)."]
     steps = {r.get("step", 0) for r in records}
@@ -251,7 +252,7 @@ def eval_table(run_dir: Path | None, step: int) -> list[str]:
     for record in sorted(records, key=lambda r: r.get("time", 0)):  # a later evaluation of the step wins
         if record.get("step", 0) == shown:
             metrics.update(_benchmarks(record))
-    limits = {r.get("limit") for r in records if r.get("step", 0) == shown}
+    limits = {r.get("limit") if isinstance(r.get("limit"), int) else None for r in records if r["step"] == shown}
     which = "the exported checkpoint" if shown == step else f"the newest evaluated step; step {step:,} has none"
     subset = "" if limits == {None} else f", on the first {max(x or 0 for x in limits)} examples of each task at most"
     lines = [f"At step {shown:,} ({which}{subset}), zero-shot, scored as lm-evaluation-harness does:", "",
@@ -264,8 +265,15 @@ def eval_table(run_dir: Path | None, step: int) -> list[str]:
     return lines
 
 
+def _stepped(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The run records with an integer step, for a step-ordered table (a damaged record is left out, not fatal)."""
+    return [r for r in records if isinstance(r.get("step"), int) and isinstance(r.get("time", 0), (int, float))]
+
+
 def _benchmarks(record: dict[str, Any]) -> dict[str, float]:
-    return {k: v for k, v in record.get("metrics", {}).items() if k.startswith("eval/") and isinstance(v, (int, float))}
+    metrics = record.get("metrics")
+    return {k: v for k, v in (metrics.items() if isinstance(metrics, dict) else ())
+            if k.startswith("eval/") and isinstance(v, (int, float))}
 
 
 def _stderr_cell(value: float | None) -> str:
@@ -279,10 +287,14 @@ def import_hf(hf_dir: Path, out_dir: Path, force: bool = False) -> Path:
     hf_config_file = hf_dir / "config.json"
     if not hf_config_file.is_file():
         raise ExportError(f"{hf_config_file} not found: pass a transformers model folder (config.json + *.safetensors)")
-    check_output_dir(out_dir, force, "the imported checkpoint")
-    hf = {**HF_DEFAULTS, **json.loads(hf_config_file.read_text())}
-    check_supported(hf)
-    model = Llama(model_config_from_hf(hf))
+    claim = claim_output(out_dir, "checkpoint", "the imported checkpoint", inputs=(hf_dir,), force=force)
+    hf = {**HF_DEFAULTS, **read_json(hf_config_file, "the transformers config", IMPORT_FIX, error=ExportError)}
+    with fields_of(str(hf_config_file), IMPORT_FIX, error=ExportError):
+        check_hf_numbers(hf)
+        check_supported(hf)
+        model_config = model_config_from_hf(hf)
+    model_config.validate()
+    model = Llama(model_config)
     load_model_tensors(model, checked_tensors(model, read_hf_tensors(hf_dir)))
 
     config = Config(name=hf_dir.name, model=model.config)
@@ -306,7 +318,8 @@ def import_hf(hf_dir: Path, out_dir: Path, force: bool = False) -> Path:
         "special_tokens": special,
     }
     extra = {"tokenizer.json": tokenizer_file} if tokenizer else {}
-    return write_checkpoint_dir(out_dir, model, None, state, extra_files=extra, keep_other_files=True)
+    with claim.writing(temporaries=(temp_dir_of(out_dir),)):
+        return write_checkpoint_dir(out_dir, model, None, state, extra_files=extra, keep_other_files=True)
 
 
 def check_supported(hf: dict[str, Any]) -> None:
@@ -335,6 +348,34 @@ def check_supported(hf: dict[str, Any]) -> None:
                           "is not supported: llamalite derives head_dim from d_model and n_head")
 
 
+def check_hf_numbers(hf: dict[str, Any]) -> None:
+    """The sizes of a transformers config are positive integers (TypeError / ValueError, turned into one line)."""
+    for key in HF_SIZES:
+        value = hf.get(key)
+        if value is None and key == "num_key_value_heads":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{key} is {value!r}, not a positive integer")
+    for key in ("rope_theta", "rms_norm_eps"):
+        value = hf.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            raise ValueError(f"{key} is {value!r}, not a positive number")
+
+
+def hf_weight_files(hf_dir: Path) -> list[str]:
+    """The shard files model.safetensors.index.json lists: files inside hf_dir, each once."""
+    index_file = hf_dir / INDEX_FILE
+    index = read_json(index_file, "the weight index", IMPORT_FIX, error=ExportError)
+    weight_map = expect_type(index.get("weight_map"), dict, f"{index_file} field weight_map", IMPORT_FIX, ExportError)
+    names = sorted({expect_type(name, str, f"{index_file} weight_map entry", IMPORT_FIX, ExportError)
+                    for name in weight_map.values()})
+    if not names:
+        raise ExportError(f"{index_file} lists no weight files: {IMPORT_FIX}")
+    for name in names:
+        contained_path(hf_dir, name, f"{index_file} weight_map", IMPORT_FIX, ExportError)
+    return names
+
+
 def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     rope_theta = (hf.get("rope_parameters") or {}).get("rope_theta", hf["rope_theta"])
     return ModelConfig(
@@ -356,18 +397,27 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
 def read_hf_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
     """Every tensor of model.safetensors or of the shards model.safetensors.index.json lists, under our names."""
     if (hf_dir / INDEX_FILE).is_file():
-        files = sorted(set(json.loads((hf_dir / INDEX_FILE).read_text())["weight_map"].values()))
+        files = hf_weight_files(hf_dir)
     elif (hf_dir / SINGLE_FILE).is_file():
         files = [SINGLE_FILE]
+    elif any(hf_dir.glob("pytorch_model*.bin")):  # pickle weights: never unpickled, they could run code
+        raise ExportError(f"{hf_dir} holds only pickle weights (pytorch_model*.bin), which llamalite never loads "
+                          "(unpickling can run code): convert them with save_pretrained(..., "
+                          "safe_serialization=True) where you trust their source, then import that folder")
     else:
         raise ExportError(f"{hf_dir} has no {SINGLE_FILE} or {INDEX_FILE}: save the model with "
                           "save_pretrained(..., safe_serialization=True) first")
     tensors = {}
     for filename in files:
-        with safe_open(hf_dir / filename, framework="pt") as f:
-            for name in f.keys():
-                if not name.endswith("rotary_emb.inv_freq"):  # a buffer old transformers versions saved
-                    tensors[name_from_hf(name)] = f.get_tensor(name)
+        try:
+            with safe_open(hf_dir / filename, framework="pt") as f:
+                for name in f.keys():
+                    if not name.endswith("rotary_emb.inv_freq"):  # a buffer old transformers versions saved
+                        tensors[name_from_hf(name)] = f.get_tensor(name)
+        except (SafetensorError, OSError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ExportError(f"{hf_dir / filename} is not a readable safetensors file ({reason[:160]}): "
+                              f"{IMPORT_FIX}") from None
     return tensors
 
 
@@ -390,8 +440,13 @@ def checked_tensors(model: Llama, tensors: dict[str, torch.Tensor]) -> dict[str,
 def hf_special_tokens(hf_dir: Path, hf: dict[str, Any], tokenizer_file: Path) -> dict[str, str | None]:
     """bos/eos/unk/pad tokens from tokenizer_config.json, falling back to config.json's ids."""
     tokenizer_config_file = hf_dir / "tokenizer_config.json"
-    declared = json.loads(tokenizer_config_file.read_text()) if tokenizer_config_file.is_file() else {}
-    inner = HFTokenizer.from_file(str(tokenizer_file))
+    declared = (read_json(tokenizer_config_file, "the tokenizer config", IMPORT_FIX, error=ExportError)
+                if tokenizer_config_file.is_file() else {})
+    try:
+        inner = HFTokenizer.from_file(str(tokenizer_file))
+    except Exception as exc:  # tokenizers raises a bare Exception with the serde message
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ExportError(f"{tokenizer_file} is not a valid tokenizer.json ({reason[:160]}): {IMPORT_FIX}") from None
     special: dict[str, str | None] = {}
     for name in SPECIAL_TOKENS:
         token = declared.get(name)
@@ -399,7 +454,13 @@ def hf_special_tokens(hf_dir: Path, hf: dict[str, Any], tokenizer_file: Path) ->
             token = token.get("content")
         if token is None and name in ("bos_token", "eos_token") and hf.get(f"{name}_id") is not None:
             token_id = hf[f"{name}_id"]
-            token = inner.id_to_token(token_id[0] if isinstance(token_id, list) else token_id)
+            token_id = token_id[0] if isinstance(token_id, list) and token_id else token_id
+            if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0:
+                raise ExportError(f"{hf_dir / 'config.json'} has {name}_id {hf[f'{name}_id']!r}, not a token id: "
+                                  f"{IMPORT_FIX}")
+            token = inner.id_to_token(token_id)
+        if token is not None and not isinstance(token, str):
+            raise ExportError(f"{hf_dir} gives {name} as {token!r}, not a string: {IMPORT_FIX}")
         special[name] = token
     if special["eos_token"] is None:
         raise ExportError(f"{hf_dir} names no end-of-text token (tokenizer_config.json eos_token or config.json "

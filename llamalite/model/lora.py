@@ -69,11 +69,13 @@ def save_adapter(peft_model: Any, out_dir: Path, base: str | None) -> Path:
 
 
 def load_adapter(model: nn.Module, adapter_dir: Path) -> Any:
-    """A saved adapter (transformers' names) injected into one of our Llamas: the PeftModel wrapping it."""
-    peft = require_peft()
+    """A saved adapter (transformers' names) injected into one of our Llamas: the PeftModel wrapping it. Only the
+    safetensors weights are read: an adapter_model.bin is a pickle, which could run code, and is never loaded."""
     weights = Path(adapter_dir) / ADAPTER_WEIGHTS
     if not weights.is_file():
-        raise CheckpointError(f"{weights} not found: pass a folder written by llamalite merge --adapter-out")
+        raise CheckpointError(f"{weights} not found: pass a folder written by llamalite merge --adapter-out "
+                              "(adapter_model.bin, a pickle, is never loaded)")
+    peft = require_peft()
     config = peft.PeftConfig.from_pretrained(str(adapter_dir))
     config.base_model_name_or_path = None  # `model` is the base (peft warns when a config names another)
     peft_model = peft.get_peft_model(model, config)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from llamalite.errors import ReportError
-from llamalite.files import atomic_write_text
+from llamalite.files import atomic_write_text, claim_output
 from llamalite.report.runs import Run, load_runs
 
 __all__ = ["ReportError", "build_report", "default_out_dir"]
@@ -30,9 +30,12 @@ def build_report(run_dirs: list[Path | str], out_dir: Path | str | None = None) 
     if not run_dirs:
         raise ReportError("no run directory given: pass one or more, e.g. llamalite report runs/demo")
     run_dirs = [Path(p) for p in run_dirs]
-    runs: list[Run] = load_runs(run_dirs)
     out = Path(out_dir) if out_dir is not None else default_out_dir(run_dirs)
-    out.mkdir(parents=True, exist_ok=True)
+    # A run's report/ folder is the report's own; anywhere else, the report is one more output of the policy
+    claim = claim_output(out, "report", "the report", inputs=run_dirs, rerun=True, force_hint=None,
+                         own_slots=[run_dir / "report" for run_dir in run_dirs])
+    runs: list[Run] = load_runs(run_dirs)
+    claim.create()
     figures = {
         "loss": loss_figure(runs, out / "loss.png"),
         "throughput": throughput_figure(runs, out / "throughput.png"),

@@ -155,6 +155,8 @@ def events_section(runs: list[Run]) -> str:
     rows = []
     for run in runs:
         for event in run.events:
+            if event.get("event") == "checkpoint":  # one per checkpoint written: bookkeeping, not an event to read
+                continue
             when = dt.datetime.fromtimestamp(event["time"], dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S") \
                 if isinstance(event.get("time"), (int, float)) else "–"
             rows.append([escape(run.label), f"{event['step']:,}", fmt_tokens(event["tokens"]), when,

@@ -6,7 +6,6 @@ Everything here tolerates a run that is still being written: a torn last line of
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import defaultdict
@@ -18,6 +17,8 @@ import numpy as np
 import yaml
 
 from llamalite.errors import ReportError
+from llamalite.records import read_json, read_run_records
+from llamalite.schema import load_yaml
 
 # The checkpoint directory names of llamalite.train.checkpoint, matched here without importing torch.
 CHECKPOINT_NAME = re.compile(r"^step_(\d{7,})$")
@@ -70,21 +71,9 @@ def read_jsonl_tolerant(path: Path) -> tuple[list[dict[str, Any]], int]:
     """The records of a JSON Lines file with a step, and how many lines were skipped (torn or malformed)."""
     if not path.is_file():
         return [], 0
-    records, skipped = [], 0
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                skipped += 1
-                continue
-            if isinstance(record, dict) and isinstance(record.get("step"), int):
-                records.append(record)
-            else:
-                skipped += 1
-    return records, skipped
+    objects, skipped = read_run_records(path)
+    records = [r for r in objects if isinstance(r.get("step"), int) and not isinstance(r.get("step"), bool)]
+    return records, skipped + len(objects) - len(records)
 
 
 def check_run_dir(path: Path) -> None:
@@ -141,8 +130,8 @@ def _read_config(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError:
+        config = load_yaml(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError):
         return {}
     return config if isinstance(config, dict) else {}
 
@@ -159,9 +148,9 @@ def _read_checkpoints(run_dir: Path) -> list[dict[str, Any]]:
     checkpoints = []
     for folder in _checkpoint_dirs(run_dir):
         try:
-            state = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            state = {}
+            state = read_json(folder / "trainer_state.json", "the checkpoint state", "", error=ReportError)
+        except ReportError:
+            state = {}  # a damaged checkpoint still has its step (its name); its tokens are unknown
         step = int(CHECKPOINT_NAME.match(folder.name).group(1))
         checkpoints.append({"name": folder.name, "step": step, "tokens": state.get("tokens_seen"),
                             "tokenizer": state.get("tokenizer_fingerprint")})

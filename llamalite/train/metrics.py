@@ -99,7 +99,7 @@ def truncate_jsonl_after(path: Path, step: int) -> None:
     """
     if not path.exists():
         return
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:  # a damaged line is dropped like a torn one
         lines = [line for line in f if line.strip()]
     kept = [line for line in lines if (record_step := _record_step(line)) is not None and record_step <= step]
     if len(kept) == len(lines):
@@ -111,9 +111,35 @@ def last_step(path: Path) -> int | None:
     """The highest step of a JSON Lines file's records (None: no file, or no record with a step)."""
     if not path.exists():
         return None
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         steps = [step for line in f if line.strip() and (step := _record_step(line)) is not None]
     return max(steps, default=None)
+
+
+CHECKPOINT_EVENT = "checkpoint"  # written after each checkpoint is complete
+_NOT_A_WRITTEN_CHECKPOINT = ("checkpoint_corrupted",)
+
+
+def checkpoints_recorded(events_path: Path) -> list[str]:
+    """The checkpoint names a run's events.jsonl says it wrote or resumed from (torn or foreign lines ignored).
+
+    These records outlive the checkpoints: a run whose checkpoints were all deleted is still told from one that
+    stopped before its first."""
+    if not events_path.exists():
+        return []
+    with open(events_path, encoding="utf-8", errors="replace") as f:
+        records = [_record(line) for line in f if line.strip()]
+    return [record["checkpoint"] for record in records
+            if record is not None and isinstance(record.get("checkpoint"), str)
+            and record.get("event") not in _NOT_A_WRITTEN_CHECKPOINT]
+
+
+def _record(line: str) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def _record_step(line: str) -> int | None:

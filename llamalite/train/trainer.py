@@ -42,7 +42,7 @@ from llamalite.data.loader import TokenLoader, read_manifest, validation_batches
 from llamalite.errors import ConfigError, LlamaliteError, TrainError, did_you_mean
 from llamalite.eval.harness import validation_metrics
 from llamalite.eval.suite import EVALS_FILE, BenchmarkSuite
-from llamalite.files import folder_lock
+from llamalite.files import claim_output, folder_lock
 from llamalite.generate import sample
 from llamalite.model.llama import Llama, ModelConfig
 from llamalite.model.presets import training_flops_per_token
@@ -65,7 +65,15 @@ from llamalite.train.callbacks import (
     SamplesCallback,
     ValidationCallback,
 )
-from llamalite.train.metrics import MetricsLogger, NullLogger, device_peak_flops, last_step, truncate_jsonl_after
+from llamalite.train.metrics import (
+    CHECKPOINT_EVENT,
+    MetricsLogger,
+    NullLogger,
+    checkpoints_recorded,
+    device_peak_flops,
+    last_step,
+    truncate_jsonl_after,
+)
 from llamalite.train.optim import (
     SCHEDULE_CHANGES,
     build_optimizer,
@@ -81,6 +89,18 @@ from llamalite.train.trackers import WANDB_DIR, WANDB_ID_FILE, PriorRun, check_l
 logger = logging.getLogger(__name__)
 RUN_FILES = ("metrics.jsonl", "events.jsonl", "evals.jsonl", "samples.jsonl", "tb", "checkpoints", "report",
              WANDB_DIR, WANDB_ID_FILE)
+
+
+def refuse_a_run_whose_checkpoints_are_gone(run_dir: Path) -> None:
+    """A run directory without checkpoints restarts only if its own records say it never wrote one: one whose
+    checkpoints were deleted (or moved) is not taken for a run that stopped before its first."""
+    recorded = checkpoints_recorded(run_dir / "events.jsonl")
+    if recorded:
+        raise TrainError(
+            f"{run_dir} wrote checkpoints (newest recorded: {max(recorded)}) but none is left in "
+            f"{run_dir / 'checkpoints'}: restore them to resume, or pass train.overwrite=true to delete the run's "
+            "records and start over, or pick another name (name=...)"
+        )
 
 
 def accumulation_steps(batch_tokens: int, micro_batch_size: int, seq_len: int, world_size: int = 1) -> int:
@@ -108,6 +128,7 @@ class TrainResult:
 
 class Trainer:
     activity = "trained"  # what a second process is told the run directory is being
+    run_purpose = "run"  # the output policy's name for the run directory this trainer makes
 
     def __init__(self, config: Config):
         self.config = config
@@ -254,13 +275,22 @@ class Trainer:
             return run_dir, checkpoint, corrupt
         return self.config.run_path(), load_checkpoint(path) if path is not None else None, corrupt
 
+    def run_inputs(self) -> list[Path | str | None]:
+        """Hook: what the run reads, which its run directory may not be, lie inside, or hold."""
+        return [self.data_dir]
+
     def on_run_dir_ready(self, run_dir: Path) -> None:
         """Hook: write files of the run directory, which this process now holds (rank 0 only)."""
 
     def _prepare_run_dir(self) -> tuple[Path, Checkpoint | None, list[tuple[Path, str]]]:
         run_dir = self.config.run_path()
+        # The output policy (docs/safety.md), before the first byte: a new or empty folder, or a run's own (resumed,
+        # or started over with train.overwrite=true); never the data it reads nor inside another artifact.
+        claim_output(run_dir, self.run_purpose, "the run", inputs=self.run_inputs(), force=self.train_cfg.overwrite,
+                     force_hint="train.overwrite=true", rerun=True).create()
         self._held.enter_context(folder_lock(run_dir, self.activity))
-        holds_run = (run_dir / "metrics.jsonl").exists() or any(list_checkpoints(run_dir / "checkpoints"))
+        holds_run = (any((run_dir / name).exists() for name in ("metrics.jsonl", "events.jsonl"))
+                     or any(list_checkpoints(run_dir / "checkpoints")))
         checkpoint, corrupt, prior = None, [], None
         if holds_run and self.train_cfg.overwrite:
             for entry in RUN_FILES:
@@ -276,6 +306,8 @@ class Trainer:
                     f"{run_dir} holds {len(corrupt)} checkpoint(s) and none is usable (newest: {corrupt[0][1]}): "
                     "pick another name (name=...) or pass train.overwrite=true to delete the run and start over"
                 )
+            if checkpoint is None:
+                refuse_a_run_whose_checkpoints_are_gone(run_dir)
             # The steps after the checkpoint will be redone; with no checkpoint at all (stopped before its first one)
             # there is nothing to lose, and the same command starts the run over.
             self._restarted = checkpoint is None
@@ -489,6 +521,8 @@ class Trainer:
             problem = self._write_failure(exc, path, previous)
         if self.dist.is_main and problem is None:
             prune_checkpoints(checkpoints_dir, self.train_cfg.keep_checkpoints, self.train_cfg.milestone_interval)
+            if self._metrics is not None:
+                self._metrics.event(self.step, CHECKPOINT_EVENT, checkpoint=path.name)
         if self.parallel != "fsdp":  # no rank runs ahead (or exits) before the checkpoint is complete
             problem = broadcast_from_main(problem)
         barrier()

@@ -127,6 +127,7 @@ PREPARE = """
     # The repo moves on: a new commit with a tokenizer.json of other bytes (the same vocabulary) is a new input.
     moved = json.dumps(json.loads(pathlib.Path({first!r}).read_text()))
     add_snapshot(pathlib.Path({hf_home!r}), "gpt2", {commit!r}, {{"tokenizer.json": moved}})
+    config.data.overwrite = True  # other inputs: replacing prepared data needs the opt-in (docs/safety.md)
     runs.append(prepare(config))
     print(json.dumps([run["tokenizer"] | {{"input_fingerprint": run["input_fingerprint"]}} for run in runs]))
 """

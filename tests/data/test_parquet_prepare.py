@@ -234,6 +234,7 @@ def test_changing_the_seed_rebuilds_only_a_sampled_source(corpus, make_config, c
     assert "up to date" in caplog.text, "no source samples: the seed changes nothing"
     config.data.sources[0].sample_fraction = 0.5
     caplog.clear()
+    config.data.overwrite = True  # other inputs: replacing the prepared data needs the opt-in (docs/safety.md)
     prepare(config)
     assert "rebuilding" in caplog.text
 

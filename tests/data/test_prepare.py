@@ -20,7 +20,7 @@ from llamalite.data.loader import read_manifest
 from llamalite.data.prepare import prepare
 from llamalite.data.shards import read_shard, write_shard
 from llamalite.data.sources import _split_stream
-from llamalite.errors import DataError
+from llamalite.errors import ConfigError, DataError
 from llamalite.tokenizer import Tokenizer
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
@@ -213,6 +213,9 @@ def test_changed_settings_rebuild_and_reuse_the_trained_tokenizer(text_folder: P
     caplog.clear()
 
     config.data.shard_tokens = 100_000
+    with pytest.raises(ConfigError, match="made from other inputs.*data.overwrite=true"):
+        prepare(config)  # runs trained on the prepared data need it: replaced only when asked (docs/safety.md)
+    config.data.overwrite = True
     second = prepare(config)
     out = caplog.text
     assert "rebuilding" in out and "reusing" in out
@@ -234,6 +237,9 @@ def test_damaged_output_or_changed_source_rebuilds(text_folder: Path, make_confi
     caplog.clear()
 
     (text_folder / "new.txt").write_text(make_documents(1, seed=99)[0])
+    with pytest.raises(ConfigError, match="made from other inputs"):
+        prepare(config)
+    config.data.overwrite = True
     manifest = prepare(config)
     assert "changed" in caplog.text
     assert manifest["documents"]["kept"] == 61

@@ -115,7 +115,7 @@ def test_a_limit_parses_json_lines_up_to_it_and_counts_them_all(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n\n" for r in records[:3]) + json.dumps(records[3]) + "\n{broken\n")
     examples, available = load_task(TASKS["piqa"], path, limit=2)
     assert [e.contexts[0] for e in examples] == ["Question: g0\nAnswer:", "Question: g1\nAnswer:"] and available == 5
-    with pytest.raises(DataError, match="line 8 is not JSON"):
+    with pytest.raises(DataError, match="line 8 is not valid JSON"):
         load_task(TASKS["piqa"], path)
 
 
@@ -125,7 +125,7 @@ def test_json_lines_are_split_at_newlines_only_and_bytes_that_are_not_utf8_are_a
     path.write_bytes(json.dumps(record, ensure_ascii=False).encode() + b"\n" + b'{"goal": "\xff"}\n')
     examples, available = load_task(TASKS["piqa"], path, limit=1)
     assert examples[0].contexts[0] == "Question: a\u2028b\nAnswer:" and available == 2
-    with pytest.raises(DataError, match="line 2 is not JSON"):
+    with pytest.raises(DataError, match="line 2 is not valid JSON"):
         load_task(TASKS["piqa"], path)
 
 

@@ -1,6 +1,7 @@
 import dataclasses
 import importlib.util
 import json
+import shutil
 
 import pytest
 import torch
@@ -382,8 +383,15 @@ def test_cli_import_refuses_an_existing_checkpoint_and_force_keeps_files_it_does
                                                                                           capsys):
     hf_dir = export_checkpoint(write_checkpoint(tmp_path / "run", random_model(padded_vocab(tokenizer_dir)),
                                                 tokenizer_dir), tmp_path / "hf")
-    trained = write_checkpoint(tmp_path / "other", random_model(padded_vocab(tokenizer_dir), seed=3), tokenizer_dir)
-    before = {p.name: p.read_bytes() for p in trained.iterdir()}
+    in_run = write_checkpoint(tmp_path / "other", random_model(padded_vocab(tokenizer_dir), seed=3), tokenizer_dir)
+    before = {p.name: p.read_bytes() for p in in_run.iterdir()}
+    # A training run's checkpoint is another llamalite artifact: refused even with --force (docs/safety.md)
+    assert main(["import", str(hf_dir), str(in_run), "--force"]) == 2
+    err = capsys.readouterr().err
+    assert "is inside" in err and "run directory" in err and err.count("\n") == 1
+    assert {p.name: p.read_bytes() for p in in_run.iterdir()} == before
+
+    trained = shutil.copytree(in_run, tmp_path / "standalone")  # a checkpoint outside any run: --force may replace it
     assert main(["import", str(hf_dir), str(trained)]) == 2
     err = capsys.readouterr().err
     assert "is not empty" in err and "--force" in err and err.count("\n") == 1

@@ -142,7 +142,7 @@ def test_only_rank_zero_writes_the_run_files(spawned):
     assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
     assert [r["step"] for r in read_jsonl(run_dir / "samples.jsonl")] == [0, 3, 6]
     assert [e["event"] for e in read_jsonl(run_dir / "events.jsonl")] == [
-        "start", "stopped", "resume", "world_size_change"]
+        "start", "checkpoint", "stopped", "resume", "world_size_change", "checkpoint"]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["latest", "step_0000003", "step_0000006"]
 
 

@@ -29,7 +29,7 @@ def test_a_longer_max_steps_on_resume_is_refused_with_the_options_and_the_lr_jum
     assert "max_steps 8 -> 16" in message and f"would jump from {config.min_lr:.3g} to {jump:.3g}" in message
     assert all(f"train.schedule_change={rule}" in message or f"={rule}" in message
                for rule in ("decay", "stretch", "keep"))
-    assert [e["event"] for e in read_jsonl(run_dir / "events.jsonl")] == ["start"]
+    assert [e["event"] for e in read_jsonl(run_dir / "events.jsonl")] == ["start", "checkpoint"]
 
 
 @pytest.mark.parametrize("rule", ["decay", "stretch", "keep"])

@@ -56,14 +56,16 @@ def test_bf16_autocast_trains(corpus_dir, prepared_dir, tmp_path):
     assert result.val_losses[-1][1] < result.val_losses[0][1]
 
 
-def test_a_run_without_any_checkpoint_starts_over_and_overwrite_deletes_the_run(corpus_dir, prepared_dir, tmp_path):
+def test_a_run_whose_checkpoints_were_deleted_is_refused_and_overwrite_deletes_the_run(corpus_dir, prepared_dir,
+                                                                                     tmp_path):
     make_trainer(corpus_dir, prepared_dir, tmp_path / "r", max_steps=1).fit()
     shutil.rmtree(tmp_path / "r" / "checkpoints")
-    make_trainer(corpus_dir, prepared_dir, tmp_path / "r", max_steps=1).fit()
-    assert [e["event"] for e in read_jsonl(tmp_path / "r" / "events.jsonl")] == ["start", "restart", "start"]
-    assert [m["step"] for m in read_jsonl(tmp_path / "r" / "metrics.jsonl") if "train/loss" in m] == [1]
+    records = {name: (tmp_path / "r" / name).read_bytes() for name in ("metrics.jsonl", "events.jsonl")}
+    with pytest.raises(TrainError, match=r"wrote checkpoints \(newest recorded: step_0000001\) but none is left"):
+        make_trainer(corpus_dir, prepared_dir, tmp_path / "r", max_steps=1).fit()
+    assert {name: (tmp_path / "r" / name).read_bytes() for name in records} == records  # nothing dropped
     make_trainer(corpus_dir, prepared_dir, tmp_path / "r", max_steps=1, overwrite=True).fit()
-    assert [e["event"] for e in read_jsonl(tmp_path / "r" / "events.jsonl")] == ["start"]
+    assert [e["event"] for e in read_jsonl(tmp_path / "r" / "events.jsonl")] == ["start", "checkpoint"]
 
 
 def test_vocab_smaller_than_the_tokenizer_is_refused(corpus_dir, prepared_dir, tmp_path):

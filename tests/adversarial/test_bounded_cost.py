@@ -1,0 +1,73 @@
+"""Issue 28, property 6: BPE training is linear in its input, however the text is laid out.
+
+Training cost grows with the length of every pre-token a merge touches; one long run without a space (DNA, base64,
+minified code) made it quadratic. The trainer cuts such runs into pieces of TRAINING_PIECE_CHARS characters."""
+
+from __future__ import annotations
+
+import random
+import signal
+from contextlib import contextmanager
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from llamalite.tokenizer import TRAINING_PIECE_CHARS, Tokenizer, _capped_pieces
+
+from ..conftest import synthetic_documents
+
+
+@contextmanager
+def fails_after(seconds: int):
+    """Turn a hang (the quadratic trainer took minutes on the input below) into a failure."""
+    def expire(signum, frame):
+        raise AssertionError(f"BPE training took more than {seconds} s: its cost is not linear in the input")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_two_megabyte_run_without_spaces_trains_in_linear_time():
+    rng = random.Random(0)
+    dna = "".join(rng.choice("ACGT") for _ in range(2_000_000))  # quadratic before: 200k letters took 13 s
+    with fails_after(60):
+        tokenizer = Tokenizer.train([dna, "some ordinary text between the runs"], vocab_size=512)
+    assert tokenizer.size == 512
+    assert tokenizer.decode(tokenizer.encode(dna[:5000])) == dna[:5000]  # encoding never cuts a run
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(alphabet=st.sampled_from("ACGT xy\n\t.é"), max_size=3 * TRAINING_PIECE_CHARS),
+       st.integers(min_value=1, max_value=4 * TRAINING_PIECE_CHARS))
+def test_training_pieces_are_bounded_and_lose_no_character(text, run_length):
+    text = text + "G" * run_length + text
+    capped = _capped_pieces(pre_tokenizers.ByteLevel(add_prefix_space=False)).pre_tokenize_str(text)
+    plain = pre_tokenizers.ByteLevel(add_prefix_space=False).pre_tokenize_str(text)
+    assert "".join(piece for piece, _ in capped) == "".join(piece for piece, _ in plain)  # the same bytes, only cut
+    spans = [text[start:end] for _, (start, end) in capped]
+    assert all(sum(not char.isspace() for char in span) <= TRAINING_PIECE_CHARS for span in spans)
+
+
+def train_uncapped(texts: list[str], vocab_size: int) -> str:
+    inner = HFTokenizer(models.BPE())
+    inner.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    inner.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    inner.train_from_iterator(texts, trainer)
+    return inner.to_str()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_text_without_long_runs_trains_exactly_as_before(seed):
+    texts = synthetic_documents(30, seed=seed)
+    capped = Tokenizer.train(texts, vocab_size=400)
+    assert capped.to_json_str() == train_uncapped(texts, 400)
