@@ -19,7 +19,14 @@ from llamalite.eval.tasks import TASKS
 from llamalite.logs import setup_logging
 from llamalite.model.presets import count_parameters, get_preset, matmul_parameters, training_flops_per_token
 from llamalite.schema import MAX_COUNT, MAX_SEED, Range, between, declared_range, matching, non_negative, positive
-from llamalite.text import EXIT_BROKEN_PIPE, silence_closed_streams, tolerant_standard_streams
+from llamalite.text import (
+    EXIT_BROKEN_PIPE,
+    StandardStreamError,
+    report_stream_error,
+    restore_standard_streams,
+    silence_closed_streams,
+    tolerant_standard_streams,
+)
 from llamalite.tokenizer import Tokenizer
 
 # OpenMP's threads wait at barriers by spinning by default: on a machine shared with other work, 2 threads of a tiny
@@ -130,8 +137,9 @@ def cmd_import(args: argparse.Namespace) -> None:
 
     out = import_hf(Path(args.hf_dir), Path(args.out_dir), force=args.force)
     has_tokenizer = (out / "tokenizer.json").exists()
-    print(f"imported {args.hf_dir} -> checkpoint {out} "
-          + ("with its tokenizer.json" if has_tokenizer else "without a tokenizer.json (export will need --tokenizer)"))
+    missing = ("without a tokenizer.json: copy the model's tokenizer.json into it before generate, chat or eval "
+               "(export takes --tokenizer instead)")
+    print(f"imported {args.hf_dir} -> checkpoint {out} " + ("with its tokenizer.json" if has_tokenizer else missing))
 
 
 def sampling_options(args: argparse.Namespace):
@@ -483,7 +491,8 @@ def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> 
 def main(argv: list[str] | None = None) -> int:
     """Run one command. A user error (LlamaliteError) prints one line and returns 2; a training run stopped by a
     signal returns EXIT_STOPPED; a reader that closed the pipe (`| head`) ends any command quietly with
-    EXIT_BROKEN_PIPE, as SIGPIPE would; any other exception is a bug and propagates with its traceback."""
+    EXIT_BROKEN_PIPE, as SIGPIPE would; a standard output or error that cannot be written (a full disk) is one line
+    and 2; any other exception is a bug and propagates with its traceback."""
     tolerant_standard_streams()
     try:
         try:
@@ -493,6 +502,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         silence_closed_streams()
         return EXIT_BROKEN_PIPE
+    except StandardStreamError as exc:  # stdout or stderr itself could not be written: one line, as a user error
+        report_stream_error(exc)
+        return 2
+    finally:
+        restore_standard_streams()
 
 
 def run_command(argv: list[str] | None) -> int:

@@ -55,6 +55,9 @@ TRUNCATIONS = ("answer", "drop")
 SFT_METHODS = ("lora", "full")
 DEVICE_PATTERN = r"auto|cpu|mps|cuda(:\d+)?"
 MAX_WORKERS = 4096
+# prepare rewrites its progress record, which lists every finished shard, after each shard (quadratic in the number
+# of shards): a shard of 1 token made a 23k-token corpus take minutes
+MIN_SHARD_TOKENS = 256
 
 
 @dataclass
@@ -101,7 +104,8 @@ class DataConfig:
     min_score: float | None = field(default=None, metadata=finite())  # drop documents whose score_field is below this
     # share of documents held out for validation (chosen by content hash)
     val_fraction: float = field(default=0.01, metadata=between(0, 1, high_open=True))
-    shard_tokens: int = field(default=100_000_000, metadata=positive(high=MAX_TOKENS))  # tokens per shard file
+    # tokens per shard file; at least MIN_SHARD_TOKENS: every shard is a file, a checksum and a progress record
+    shard_tokens: int = field(default=100_000_000, metadata=between(MIN_SHARD_TOKENS, MAX_TOKENS, integer=True))
     # token dtype on disk: auto (uint16 when the vocab fits, else uint32) | uint16 | uint32
     dtype: str = field(default="auto", metadata=one_of(*TOKEN_DTYPES))
     num_workers: int = field(default=0, metadata=non_negative(high=MAX_WORKERS))  # tokenizer processes; 0: one per core

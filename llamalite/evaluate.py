@@ -21,7 +21,14 @@ from llamalite.errors import CheckpointError, DataError, EvalError
 from llamalite.eval.harness import validation_metrics
 from llamalite.eval.suite import EVALS_FILE, BenchmarkSuite, eval_record
 from llamalite.eval.tasks import LOGLIKELIHOOD, TASKS, TaskSpec, resolve_tasks, task_data_fingerprint, task_source
-from llamalite.files import JsonlWriter, OutputClaim, atomic_write_text, claim_output_file, read_jsonl
+from llamalite.files import (
+    JsonlWriter,
+    OutputClaim,
+    atomic_write_text,
+    claim_output_file,
+    read_jsonl,
+    read_regular_file,
+)
 from llamalite.runtime import autocast_context, resolve_device
 
 
@@ -313,9 +320,10 @@ def claim_results_json(path: Path, target: Path) -> OutputClaim:
 
 def is_results_json(path: Path) -> bool:
     """Whether `path` is a results file that write_results_json wrote (its config names llamalite as the model)."""
+    data = read_regular_file(path)  # never a FIFO, a device or a huge file: those are not ours, and unread
     try:
-        results = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        results = json.loads(data.decode("utf-8")) if data is not None else None
+    except ValueError:
         return False
     return isinstance(results, dict) and isinstance(results.get("config"), dict) and \
         results["config"].get("model") == "llamalite" and "results" in results

@@ -189,6 +189,7 @@ ARTIFACT_NAMES = {
 }
 _HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 _NOT_CONTENT = {OUTPUT_MARKER, LOCK_FILE}  # what an otherwise empty folder may hold
+MAX_RECOGNISED_BYTES = 64 << 20  # an output file larger than this is not one llamalite wrote (results are small)
 
 
 def read_marker(folder: Path) -> str | None:
@@ -282,16 +283,27 @@ class OutputClaim:
         self._made.clear()
 
     @contextmanager
-    def writing(self, temporaries: tuple[Path, ...] = ()) -> Iterator[Path]:
+    def writing(self, temporaries: tuple[Path, ...] = (), own_files: tuple[str, ...] = (),
+                keep: Callable[[], bool] | None = None) -> Iterator[Path]:
         """create(), then the block; if the block fails, undo() and remove the `temporaries` (folders the block
-        writes before its commit) that did not exist before it: an all-or-nothing command leaves nothing behind."""
+        writes before its commit) that did not exist before it: an all-or-nothing command leaves nothing behind.
+
+        A resumable command names the files it writes into the folder (`own_files`: those absent before the block
+        are removed too, .lock included) and `keep`, asked after a failure: True when the block left work that the
+        same command resumes from (then nothing is removed)."""
         new_temporaries = [Path(t) for t in temporaries if not Path(t).exists()]
+        folder = self.path.parent if self.is_file else self.path
+        new_files = [folder / name for name in own_files if not (folder / name).exists()]
         self.create()
         try:
             yield self.path
         except BaseException:
+            if keep is not None and keep():
+                raise
             for temporary in new_temporaries:
                 shutil.rmtree(temporary, ignore_errors=True)
+            for file in new_files:
+                file.unlink(missing_ok=True)
             self.undo()
             raise
 
@@ -348,20 +360,80 @@ def claim_output_file(
     recognise: Callable[[Path], bool] = lambda path: False,
 ) -> OutputClaim:
     """The same policy for a command that writes one file: `path` may be absent, or a file that `recognise` takes for
-    this purpose's earlier output (then it is replaced); never a folder, an input, nor inside an artifact."""
+    this purpose's earlier output (then it is replaced); never a folder, an input, nor inside an artifact. Only a
+    regular file of at most MAX_RECOGNISED_BYTES is offered to `recognise` (which should read it with
+    read_regular_file): a FIFO, a device or a socket is refused unread, a larger file is not ours."""
     path = Path(path).expanduser()
     try:
         if path.is_dir():
             raise ConfigError(f"{path} is a folder: pass a file path for {what}")
+        if path.exists() and not stat.S_ISREG(path.stat().st_mode):  # a FIFO, a device, a socket: never read
+            raise ConfigError(f"{path} is not a regular file: pass a new file path for {what}")
         _check_inputs(path, inputs, (), what)
         _check_writable(path.parent, what)
         _check_not_inside_artifact(path, (), what)
-        if path.exists() and not recognise(path):
+        if path.exists() and not (path.stat().st_size <= MAX_RECOGNISED_BYTES and recognise(path)):
             raise ConfigError(f"{path} exists and is not {ARTIFACT_NAMES.get(purpose, purpose)} written by "
                               f"llamalite: choose a new file for {what} (it is never overwritten)")
         return OutputClaim(path, purpose, is_file=True)
     except OSError as exc:
         raise ConfigError(f"cannot check {path} for {what} ({exc.strerror or exc}): choose another path") from None
+
+
+def read_regular_file(path: str | Path, limit: int | None = None) -> bytes | None:
+    """The bytes of `path` when it is a regular file of at most `limit` bytes (MAX_RECOGNISED_BYTES by default), else
+    None: a FIFO, a device or a socket is never read (it could block forever or never end), a larger file not at all.
+    The type is checked on the opened descriptor (O_NONBLOCK: opening a FIFO does not wait for a writer)."""
+    limit = MAX_RECOGNISED_BYTES if limit is None else limit
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
+            return None
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(limit + 1)
+        return data if len(data) <= limit else None
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def remove_own_files(folder: Path, own: re.Pattern[str], empty_folders: tuple[str, ...] = ()) -> list[Path]:
+    """Delete, under `folder`, the entries whose path relative to it (POSIX form) fully matches `own`: what the
+    command itself writes (a matching folder goes whole). Nothing else is deleted; links are never followed.
+    `empty_folders` (relative paths) are removed afterwards if nothing is left in them. Returns what was deleted.
+
+    This is what --force/overwrite may delete (docs/safety.md): a command names its own files exactly, so a user's
+    file beside them, or one whose name only resembles theirs, stays."""
+    removed: list[Path] = []
+
+    def walk(current: Path) -> None:
+        try:
+            entries = sorted(os.scandir(current), key=lambda e: e.name)
+        except OSError:
+            return
+        for entry in entries:
+            path = Path(entry.path)
+            relative = path.relative_to(folder).as_posix()
+            if own.fullmatch(relative):
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
+                removed.append(path)
+            elif entry.is_dir(follow_symlinks=False):
+                walk(path)
+
+    walk(folder)
+    for name in empty_folders:
+        path = folder / name
+        if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
+            path.rmdir()
+    return removed
 
 
 def _claim(path: Path, purpose: str, what: str, inputs, force: bool, force_hint: str | None, rerun: bool,

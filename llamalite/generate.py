@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from llamalite.errors import ConfigError
+from llamalite.errors import CheckpointError, ConfigError
 from llamalite.model.kv_cache import KVCache, StaticKVCache
 from llamalite.tokenizer import Tokenizer
 
@@ -103,6 +103,10 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
+NON_FINITE_LOGITS = ("the model produced NaN or infinite logits (non-finite weights, or values that overflow in "
+                     "bf16): use fp32 weights (generate and chat: --dtype fp32) or an earlier checkpoint")
+
+
 def pick_tokens(
     logits: torch.Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None,
     generator: torch.Generator | None = None,
@@ -112,6 +116,8 @@ def pick_tokens(
         # max's indices are argmax's (the first maximum), at a quarter of argmax's time on a CPU in bf16
         return logits.max(dim=-1).indices
     probs = torch.softmax(filter_logits(logits.float() / temperature, top_k, top_p), dim=-1)
+    if not bool(torch.isfinite(probs).all()):  # NaN or +inf logits: torch.multinomial would raise a RuntimeError
+        raise CheckpointError(NON_FINITE_LOGITS)
     if generator is not None and generator.device != probs.device:
         return torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(-1).to(probs.device)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

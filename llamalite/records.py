@@ -12,6 +12,9 @@ with it. JSON Lines follow one rule, the same everywhere:
   records (invalid JSON lines among them) and reports them in its data summary, since public instruction sets
   routinely hold a few.
 
+Parquet files (prepare's sources and its reader processes, task files) are read inside `parquet_errors`: whatever
+pyarrow raises on a damaged or foreign file is one line naming the file and, where known, the row groups.
+
 A path read from a file (a manifest's shard, an index's weight file, a checksums entry) goes through
 `contained_path`: it must stay inside the folder of the file that names it.
 """
@@ -133,11 +136,8 @@ def read_run_records(path: str | Path) -> tuple[list[dict[str, Any]], int]:
                         "check the run directory's permissions") from None
     records, skipped = [], []
     for number, line in _lines(raw):
-        try:
-            record = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError):
-            record = None
-        if isinstance(record, dict):
+        record = parse_run_record(line)
+        if record is not None:
             records.append(record)
         else:
             skipped.append(number)
@@ -146,6 +146,31 @@ def read_run_records(path: str | Path) -> tuple[list[dict[str, Any]], int]:
         logger.warning(f"{path}: skipped {len(skipped)} torn or malformed line(s) (line {shown}); "
                        "the other records are used")
     return records, len(skipped)
+
+
+def parse_run_record(line: bytes | str) -> dict[str, Any] | None:
+    """One line of a run's own records as a JSON object, or None when it is torn, not UTF-8, not JSON (too deep, a
+    number of too many digits) or not an object: the one rule every reader of a run's records applies."""
+    try:
+        record = json.loads(line.decode("utf-8") if isinstance(line, bytes) else line)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+@contextmanager
+def parquet_errors(path: str | Path, fix: str, error: ErrorClass = DataError, row_groups: Any = None) -> Iterator[None]:
+    """Turn what pyarrow raises on a damaged or foreign Parquet file (ArrowException and its subclasses, OSError:
+    a bad footer, truncated pages, undecodable thrift) into one `error` line naming the file (and row groups)."""
+    import pyarrow
+
+    try:
+        yield
+    except (pyarrow.ArrowException, OSError) as exc:
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        groups = list(row_groups or ())
+        place = f" (row group{'s' if len(groups) > 1 else ''} {', '.join(map(str, groups))})" if groups else ""
+        raise error(f"{path}{place} is not a readable Parquet file ({reason}): {fix}") from None
 
 
 def contained_path(folder: str | Path, name: Any, where: str, fix: str, error: ErrorClass = DataError) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -23,12 +24,32 @@ DTYPES = ("auto", "bf16", "fp32")
 
 
 # ------------------------------------------------------------------------------------------------- device
+def available_devices() -> list[str]:
+    """The devices this torch can compute on here: cpu, each visible CUDA GPU, mps where built and present."""
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += ["cuda", *(f"cuda:{index}" for index in range(torch.cuda.device_count()))]
+    if torch.backends.mps.is_available():
+        devices.append("mps")
+    return devices
+
+
 def resolve_device(name: str) -> torch.device:
+    """The device `name` asks for (auto: the first GPU, else cpu), checked before anything uses it: a device type this
+    torch was not built with, or a GPU that is not there, is a one-line ConfigError naming the available devices."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name} was asked for but no CUDA GPU is visible: use device cpu or auto")
+    try:
+        with warnings.catch_warnings():  # torch's deprecation warning of a device type (mkldnn) it then refuses here
+            warnings.simplefilter("ignore")
+            device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        device = None
+    if device is None or str(device) not in available_devices():
+        what = "no CUDA GPU is visible" if str(name).startswith("cuda") and not torch.cuda.is_available() else \
+            "it is not available here"
+        raise ConfigError(f"device {name!r} was asked for but {what}: use auto or one of "
+                          f"{', '.join(available_devices())}")
     return device
 
 

@@ -153,6 +153,15 @@ class DuplicateKeyError(yaml.constructor.ConstructorError):
                 f"{self.second_line}: keep one (YAML would silently drop the first)")
 
 
+class _MergeKey:
+    """The merge key `<<` of a mapping, apart from a quoted "<<" string key."""
+
+    def __repr__(self) -> str:
+        return "'<<'"
+
+
+MERGE_KEY = _MergeKey()
+
 # libyaml's parser where PyYAML was built with it (about 10x faster); the constructor, and its checks, are Python's
 _SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -164,8 +173,9 @@ class UniqueKeyLoader(_SafeLoader):
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
-                continue  # `<<: *anchor` merges may repeat by design
-            key = self.construct_object(key_node, deep=deep)
+                key = MERGE_KEY  # several mappings merge as one `<<: [*a, *b]`; a second `<<` drops keys silently
+            else:
+                key = self.construct_object(key_node, deep=deep)
             try:
                 hash(key)
             except TypeError:

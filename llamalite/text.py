@@ -107,7 +107,14 @@ codecs.register_error(STREAM_ERRORS, _escape_or_backslash)
 
 def tolerant_standard_streams() -> None:
     """stdin reads bytes that are not UTF-8 as surrogate escapes; stdout and stderr (Python's default for stderr)
-    never fail on a character. Streams other than text files (a StringIO) are left as they are."""
+    never fail on a character. Streams other than text files (a StringIO) are left as they are.
+
+    A stream the command was started without (`<&-`, `>&-`: None in sys) reads or writes /dev/null, and stdout and
+    stderr are guarded: a failure to write them (a full disk, an I/O error) is a StandardStreamError, which
+    cli.main turns into one line and exit 2 (restore_standard_streams undoes the guard)."""
+    for name, mode in (("stdin", "r"), ("stdout", "w"), ("stderr", "w")):  # in descriptor order: /dev/null takes it
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, mode, encoding="utf-8"))  # noqa: SIM115 (open for the process's life)
     streams = ((sys.stdin, "surrogateescape"), (sys.stdout, STREAM_ERRORS), (sys.stderr, "backslashreplace"))
     for stream, errors in streams:
         if isinstance(stream, io.TextIOWrapper) and stream.errors in ("strict", "surrogateescape"):
@@ -115,6 +122,75 @@ def tolerant_standard_streams() -> None:
                 stream.reconfigure(errors=errors)
             except (io.UnsupportedOperation, ValueError):  # e.g. a stream already read from, or closed
                 pass
+    for name in ("stdout", "stderr"):
+        if not isinstance(getattr(sys, name), GuardedStream):
+            setattr(sys, name, GuardedStream(getattr(sys, name), name))
+
+
+def restore_standard_streams() -> None:
+    """sys.stdout and sys.stderr without tolerant_standard_streams' guard (cli.main may run again in one process)."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if isinstance(stream, GuardedStream):
+            setattr(sys, name, stream.wrapped)
+
+
+class StandardStreamError(BaseException):
+    """Writing the standard output or error failed (ENOSPC, EIO, EBADF...): the command can no longer say anything,
+    so it ends. A BaseException, as KeyboardInterrupt, so that no `except Exception` (logging's own) hides it."""
+
+    def __init__(self, name: str, error: OSError):
+        super().__init__(name, error)
+        self.name, self.error = name, error
+
+    def __str__(self) -> str:
+        stream = "output" if self.name == "stdout" else "error"
+        return f"cannot write to standard {stream} ({self.error.strerror or self.error})"
+
+
+class GuardedStream:
+    """A standard stream whose write errors say which stream failed (StandardStreamError); a closed pipe stays a
+    BrokenPipeError (exit 141). Everything else is the wrapped stream's."""
+
+    def __init__(self, wrapped: Any, name: str):
+        self.wrapped, self.name = wrapped, name
+
+    def __getattr__(self, attribute: str) -> Any:
+        return getattr(self.wrapped, attribute)
+
+    def write(self, text: str) -> int:
+        return self._guarded(self.wrapped.write, text)
+
+    def writelines(self, lines: Any) -> None:
+        self._guarded(self.wrapped.writelines, lines)
+
+    def flush(self) -> None:
+        self._guarded(self.wrapped.flush)
+
+    def _guarded(self, operation: Any, *args: Any) -> Any:
+        try:
+            return operation(*args)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise StandardStreamError(self.name, exc) from exc
+
+
+def report_stream_error(error: StandardStreamError) -> None:
+    """One line on stderr (where it can still be written), then the failed stream points at /dev/null, so that the
+    interpreter's flush at exit does not fail again."""
+    try:
+        print(f"llamalite: error: {error}", file=sys.stderr, flush=True)
+    except (OSError, StandardStreamError):
+        pass
+    failed = getattr(sys, error.name)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, failed.fileno())
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):  # not a descriptor (a test's capture)
+        pass
+    finally:
+        os.close(devnull)
 
 
 # A command whose reader went away (`llamalite generate ... | head -c 10`) ends as a shell sees a program killed by

@@ -17,13 +17,14 @@ nothing.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import json
 import logging
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -65,6 +66,7 @@ class Tokenizer:
 
     def __init__(self, inner: HFTokenizer, eos_token: str = DEFAULT_EOS, source: str = "tokenizer",
                  bos_token: str | None = None) -> None:
+        _check_supported(inner, source)
         eos_id = inner.token_to_id(eos_token)
         if eos_id is None:
             raise DataError(
@@ -157,10 +159,11 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """The ids of `text` alone: for a piece that continues a sequence (a continuation, a chat segment)."""
-        try:
-            return self._inner.encode(text, add_special_tokens=False).ids
-        except TypeError:  # a lone surrogate (JSON's "\ud800"), which tokenizers refuses
-            return self._inner.encode(_valid_texts([text])[0], add_special_tokens=False).ids
+        with _encoding_errors():
+            try:
+                return self._inner.encode(text, add_special_tokens=False).ids
+            except TypeError:  # a lone surrogate (JSON's "\ud800"), which tokenizers refuses
+                return self._inner.encode(_valid_texts([text])[0], add_special_tokens=False).ids
 
     def encode_sequence(self, text: str) -> list[int]:
         """The ids of `text` as the start of what the model reads: `start_ids` first (the BOS rule); an empty text
@@ -170,10 +173,11 @@ class Tokenizer:
     def encode_sequences(self, texts: list[str]) -> list[list[int]]:
         """encode_sequence() of each text, in one batch (tokenizers' own: building tiktoken's encoding would cost more
         than a few thousand texts take)."""
-        try:
-            encodings = self._inner.encode_batch_fast(texts, add_special_tokens=False)
-        except TypeError:  # a lone surrogate, as in encode()
-            encodings = self._inner.encode_batch_fast(_valid_texts(texts), add_special_tokens=False)
+        with _encoding_errors():
+            try:
+                encodings = self._inner.encode_batch_fast(texts, add_special_tokens=False)
+            except TypeError:  # a lone surrogate, as in encode()
+                encodings = self._inner.encode_batch_fast(_valid_texts(texts), add_special_tokens=False)
         return [self._as_sequence(encoding.ids) for encoding in encodings]
 
     def _as_sequence(self, ids: list[int]) -> list[int]:
@@ -184,7 +188,8 @@ class Tokenizer:
         byte-level BPE), else through tokenizers."""
         if self._tiktoken is not None:
             return self._tiktoken.encode_batch(texts)
-        encodings = self._inner.encode_batch_fast(texts, add_special_tokens=False)
+        with _encoding_errors():
+            encodings = self._inner.encode_batch_fast(texts, add_special_tokens=False)
         return [np.asarray(encoding.ids, dtype=np.uint32) for encoding in encodings]
 
     @functools.cached_property
@@ -394,6 +399,37 @@ def _capped_pieces(pre_tokenizer: Any) -> Any:
     """`pre_tokenizer` after runs of more than TRAINING_PIECE_CHARS non-space characters are cut into such pieces."""
     long_run = Regex(rf"\S{{{TRAINING_PIECE_CHARS}}}")
     return pre_tokenizers.Sequence([pre_tokenizers.Split(long_run, behavior="isolated"), pre_tokenizer])
+
+
+SUPPORTED_MODELS = ("BPE",)  # byte-level BPE (GPT-2, Llama 3) and BPE with byte fallback (Llama 2, Mistral)
+
+
+def _check_supported(inner: HFTokenizer, source: str) -> None:
+    """Refuse, in one line at load, a tokenizer llamalite cannot use: another model than BPE (Unigram, WordPiece,
+    WordLevel), or one whose unknown token is missing from its vocabulary (tokenizers fails on the first text)."""
+    model = inner.model
+    kind = type(model).__name__
+    if kind not in SUPPORTED_MODELS:
+        raise DataError(f"{source} is a {kind} tokenizer; llamalite reads BPE tokenizers (byte-level, as GPT-2 and "
+                        "Llama 3, or with byte fallback, as Llama 2): point tokenizer.path at one, or unset it to "
+                        "train one")
+    unk = model.unk_token
+    if unk is not None and inner.token_to_id(unk) is None:
+        raise DataError(f"{source} names the unknown token {unk!r}, which is not in its vocabulary: add it to the "
+                        "vocabulary or set model.unk_token to null")
+
+
+@contextlib.contextmanager
+def _encoding_errors() -> Iterator[None]:
+    # tokenizers raises a bare Exception for what its model cannot encode; anything else is a bug and keeps its type.
+    try:
+        yield
+    except Exception as exc:
+        if type(exc) is not Exception:
+            raise
+        reason = str(exc).splitlines()[0][:160] if str(exc) else "no reason given"
+        raise DataError(f"the tokenizer cannot encode this text ({reason}): use a tokenizer whose vocabulary covers "
+                        "every byte (byte-level BPE, or byte fallback)") from None
 
 
 def _read_tokenizer_json(path: Path) -> HFTokenizer:

@@ -26,13 +26,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from llamalite.checkpoint.safe_pickle import load_weights_only
 from llamalite.errors import CheckpointError
 from llamalite.files import atomic_write_text, fsync, move_into, sha256_file
+from llamalite.model.weights_file import read_safetensors, safetensors_names, shown
 from llamalite.records import contained_path, read_json
 
 CHECKSUMS = "checksums.json"
@@ -156,10 +156,13 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Che
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({exc}): use another checkpoint") from None
+    """A checkpoint's model.safetensors, through the one safetensors reader (model/weights_file.py)."""
+    return read_safetensors(path, CheckpointError, "use another checkpoint")
+
+
+def weight_names(path: Path) -> list[str]:
+    """The tensor names of a checkpoint's model.safetensors (its header only)."""
+    return safetensors_names(path, CheckpointError, "use another checkpoint")
 
 
 def read_tensors_pickle(path: Path, map_location: str | torch.device) -> Any:
@@ -199,6 +202,8 @@ def load_model_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], assig
     if tied:
         tensors["lm_head.weight"] = tensors.get("embed_tokens.weight")
     check_tensors_fit(model, tensors, source)
+    expected = model.state_dict()  # half-precision weights (an import) take the model's dtype
+    tensors = {name: tensor.to(expected[name].dtype) for name, tensor in tensors.items()}
     model.load_state_dict(tensors, assign=assign)
     if tied and assign:
         model.lm_head.weight = model.embed_tokens.weight
@@ -208,17 +213,17 @@ def check_tensors_fit(model: nn.Module, tensors: dict[str, torch.Tensor | None],
     expected = model.state_dict()
     missing = [name for name in expected if tensors.get(name) is None]
     if missing:
-        raise CheckpointError(f"{source} lacks tensor {missing[0]} that the model of its config needs"
+        raise CheckpointError(f"{source} lacks tensor {shown(missing[0])} that the model of its config needs"
                               f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}: "
                               "the weights and the config disagree; use another checkpoint")
     unexpected = [name for name in tensors if name not in expected]
     if unexpected:
-        raise CheckpointError(f"{source} holds tensor {unexpected[0]} that the model of its config does not have: "
-                              "the weights and the config disagree; use another checkpoint")
+        raise CheckpointError(f"{source} holds tensor {shown(unexpected[0])} that the model of its config does not "
+                              "have: the weights and the config disagree; use another checkpoint")
     for name, tensor in tensors.items():
         if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise CheckpointError(f"{source}: tensor {name} has shape {tuple(tensor.shape)} but the model of its "
-                                  f"config expects {tuple(expected[name].shape)}: the weights and the config "
+            raise CheckpointError(f"{source}: tensor {shown(name)} has shape {tuple(tensor.shape)} but the model of "
+                                  f"its config expects {tuple(expected[name].shape)}: the weights and the config "
                                   "disagree; use another checkpoint")
 
 

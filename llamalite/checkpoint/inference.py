@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from llamalite.checkpoint.format import (
     SHARDED_DIR,
@@ -26,10 +25,11 @@ from llamalite.checkpoint.format import (
     read_weights,
     resolve_checkpoint_dir,
     verify_checkpoint,
+    weight_names,
 )
 from llamalite.checkpoint.sharded import load_sharded
 from llamalite.config import Config, config_from_dict
-from llamalite.errors import CheckpointError
+from llamalite.errors import CheckpointError, LlamaliteError
 from llamalite.model.llama import Llama
 from llamalite.model.lora import add_lora, is_lora_state
 from llamalite.tokenizer import Tokenizer
@@ -65,10 +65,19 @@ def load_for_inference(path: Path, tokenizer_path: Path | None = None, allow_lor
     config = config_from_dict(state["config"])
     tokenizer = find_tokenizer(checkpoint, state, tokenizer_path)
     model, adapter = _build_model(checkpoint, config, allow_lora)
+    check_finite(model, checkpoint)
     if tokenizer.size > model.config.vocab_size:
         raise CheckpointError(f"the tokenizer has {tokenizer.size} tokens but the model only {model.config.vocab_size} "
                               "embedding rows: pass the tokenizer.json this checkpoint was trained with")
     return InferenceModel(checkpoint, model.eval(), tokenizer, state, config, adapter)
+
+
+def check_finite(model: torch.nn.Module, checkpoint: Path) -> None:
+    """Refuse weights holding NaN or infinity (a run that diverged): every output of such a model is garbage."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{checkpoint} holds non-finite weights ({name} has NaN or infinite values; a run "
+                                  "that diverged?): use an earlier checkpoint")
 
 
 def _read_by_inference(name: str) -> bool:
@@ -77,20 +86,49 @@ def _read_by_inference(name: str) -> bool:
 
 
 def find_tokenizer(checkpoint: Path, state: dict[str, Any], override: Path | None) -> Tokenizer:
-    """The run's tokenizer: the override, else tokenizer.json in the checkpoint, else <data.out_dir>/tokenizer.json."""
+    """The run's tokenizer: the override, else tokenizer.json in the checkpoint, else <data.out_dir>/tokenizer.json,
+    else (a relative data.out_dir, read from another folder) <a folder above the checkpoint>/<data.out_dir>/
+    tokenizer.json whose fingerprint is the one the run recorded."""
     config = state["config"]
-    candidates = [override] if override else [checkpoint / TOKENIZER_FILE,
-                                              Path(config["data"]["out_dir"]) / TOKENIZER_FILE]
-    found = next((path for path in candidates if path.exists()), None)
+    expected = state.get("tokenizer_fingerprint")
+    out_dir = Path(config["data"]["out_dir"])
+    candidates = [override] if override else [checkpoint / TOKENIZER_FILE, out_dir / TOKENIZER_FILE]
+    found = next((path for path in candidates if path.is_file()), None)
+    if found is None and override is None and expected and not out_dir.is_absolute():
+        found = _tokenizer_above(checkpoint, out_dir, config, expected)
     if found is None:
         raise CheckpointError(f"tokenizer not found at {' or '.join(map(str, candidates))}: "
-                              "pass --tokenizer PATH with the tokenizer.json the checkpoint was trained with")
-    tokenizer = Tokenizer.load(found, config["tokenizer"]["eos_token"], config["tokenizer"].get("bos_token"))
-    expected = state.get("tokenizer_fingerprint")
+                              f"{_tokenizer_fix(checkpoint)}")
+    tokenizer = _load_tokenizer(found, config)
     if expected and tokenizer.fingerprint != expected:
         raise CheckpointError(f"{found} is not the tokenizer {checkpoint} was trained with (its fingerprint differs): "
-                              "pass --tokenizer PATH with the run's tokenizer.json")
+                              + ("pass --tokenizer PATH with the run's tokenizer.json" if override
+                                 else _tokenizer_fix(checkpoint)))
     return tokenizer
+
+
+def _tokenizer_fix(checkpoint: Path) -> str:
+    """What every command that loads a checkpoint can do about its tokenizer (only export has --tokenizer)."""
+    return (f"run the command from the folder the run was trained in (its data.out_dir is relative), or copy the "
+            f"run's tokenizer.json (in its data.out_dir) into {checkpoint} (checksums.json need not list it: its "
+            "fingerprint is checked); `llamalite export` also takes --tokenizer PATH")
+
+
+def _load_tokenizer(path: Path, config: dict[str, Any]) -> Tokenizer:
+    return Tokenizer.load(path, config["tokenizer"]["eos_token"], config["tokenizer"].get("bos_token"))
+
+
+def _tokenizer_above(checkpoint: Path, out_dir: Path, config: dict[str, Any], expected: str) -> Path | None:
+    """<folder>/<out_dir>/tokenizer.json for the folders above the checkpoint (the run was trained in one of them),
+    the first whose fingerprint is the run's; any other is passed over."""
+    for folder in checkpoint.resolve().parents:
+        path = folder / out_dir / TOKENIZER_FILE
+        try:
+            if path.is_file() and _load_tokenizer(path, config).fingerprint == expected:
+                return path
+        except LlamaliteError:  # a damaged file that is not the run's tokenizer anyway
+            continue
+    return None
 
 
 def _build_model(checkpoint: Path, config: Config, allow_lora: bool) -> tuple[Llama, Any]:
@@ -100,8 +138,7 @@ def _build_model(checkpoint: Path, config: Config, allow_lora: bool) -> tuple[Ll
         model = Llama(config.model)
         load_sharded(checkpoint, model, None)
         return model, None
-    with safe_open(checkpoint / WEIGHTS_FILE, framework="pt") as f:
-        lora = is_lora_state(f.keys())
+    lora = is_lora_state(weight_names(checkpoint / WEIGHTS_FILE))
     if lora and not allow_lora:
         raise CheckpointError(f"{checkpoint} holds LoRA adapters: merge them first "
                               f"(llamalite merge {checkpoint} OUT_DIR) and use the merged checkpoint")

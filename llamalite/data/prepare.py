@@ -47,7 +47,7 @@ from llamalite.data.shards import SHARD_NAME, ShardWriter, SplitProgress, shard_
 from llamalite.data.sources import SOURCE_TYPES, SourceCounts, parquet_layout, source_files
 from llamalite.data.tokenize import chunks_by_split, tokenize_chunks
 from llamalite.errors import DataError
-from llamalite.files import atomic_write_text, claim_output, folder_lock, sha256_file
+from llamalite.files import LOCK_FILE, atomic_write_text, claim_output, folder_lock, sha256_file
 from llamalite.tokenizer import Tokenizer, TokenizerSource, build_tokenizer, resolve_tokenizer_path
 
 if TYPE_CHECKING:  # config imports the model (torch); tokenizer worker processes import this package
@@ -321,9 +321,23 @@ def prepare(config: Config) -> dict[str, Any]:
     claim = claim_output(out_dir, "prepared-data", "the prepared data", inputs=input_paths(config, tokenizer_source),
                          force=data.overwrite, force_hint="data.overwrite=true", rerun=True,
                          same_inputs=lambda folder: _other_inputs(folder, fingerprints[0]))
-    claim.create()
-    with folder_lock(out_dir, "prepared"):  # a second prepare of the same folder is refused
-        return _prepare(config, out_dir, tokenizer_source, fingerprints)
+    # A failure that leaves nothing to resume from (a bad tokenizer path, a source record without text, no documents)
+    # removes what this prepare added: the folder it made, or its marker, lock and tokenizer in an existing one.
+    # Once a trained tokenizer or a shard is recorded (.prepare_progress.json), the folder stays: a rerun resumes.
+    own_files = (LOCK_FILE, TOKENIZER_FILE, MANIFEST_FILE, PROGRESS_FILE)
+    with claim.writing(own_files=own_files, keep=lambda: _holds_resumable_work(out_dir)):
+        with folder_lock(out_dir, "prepared"):  # a second prepare of the same folder is refused
+            return _prepare(config, out_dir, tokenizer_source, fingerprints)
+
+
+def _holds_resumable_work(out_dir: Path) -> bool:
+    """Whether a failed prepare left what the same command resumes from or reuses: a progress record, a manifest
+    or a finished shard."""
+    try:
+        names = [path.name for path in out_dir.iterdir()]
+    except OSError:
+        return False
+    return any(name in (PROGRESS_FILE, MANIFEST_FILE) or SHARD_NAME.match(name) for name in names)
 
 
 def input_paths(config: Config, tokenizer_source: TokenizerSource | None) -> list[Path]:

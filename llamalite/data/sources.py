@@ -22,9 +22,9 @@ import glob
 import gzip
 import hashlib
 import importlib.metadata
-import json
 import logging
 import os
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import closing
 from itertools import islice
@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from llamalite.data.parallel import ordered_map, resolve_workers
 from llamalite.errors import DataError
+from llamalite.records import parquet_errors, parse_json
 from llamalite.text import normalize_newlines
 
 if TYPE_CHECKING:  # config imports the model (torch); tokenizer worker processes import this package
@@ -50,6 +51,7 @@ PARQUET_BATCH_ROWS = 1024  # rows decoded at a time within a task
 # data.read_workers=0: this many reader processes at most (never more than data.num_workers). Reading, decoding and
 # sampling parquet runs at ~100 MB/s a process, GPT-2 tokenizing below 1 MB/s: a few readers feed many tokenizers.
 DEFAULT_READ_WORKERS = 4
+PARQUET_FIX = "replace or remove that file (a damaged download, or not Parquet)"
 
 
 @dataclasses.dataclass
@@ -279,17 +281,23 @@ def _read_jsonl_source(source: SourceConfig, score_field: str | None) -> Iterato
 
 
 def _read_jsonl_file(path: Path, text_field: str, score_field: str | None) -> Iterator[Document]:
+    # Bad records stop prepare in one line, as a record without its text field does: a corpus is not guessed at.
+    for line_number, line in _jsonl_lines(path):
+        where = f"{path}:{line_number}"
+        record = parse_json(line, where, "fix or remove that line")
+        yield _record_document(record, text_field, score_field, where)
+
+
+def _jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a JSON Lines source, gzipped or not; a damaged gzip stream is one DataError."""
     opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8", errors=REPLACE_COUNTING, newline="\n") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where} is not valid JSON ({exc.msg}): fix or remove that line") from None
-            yield _record_document(record, text_field, score_field, where)
+    try:
+        with opener(path, "rt", encoding="utf-8", errors=REPLACE_COUNTING, newline="\n") as f:
+            for line_number, line in enumerate(f, start=1):
+                if line.strip():
+                    yield line_number, line
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise DataError(f"{path} is not a readable gzip file ({exc}): replace or remove that file") from None
 
 
 def _read_parquet_source(
@@ -322,7 +330,7 @@ def parquet_layout(source: SourceConfig, columns: Iterable[str] = ()) -> list[tu
 
     layout = []
     for path in source_files(source):
-        with pq.ParquetFile(path) as parquet:
+        with parquet_errors(path, PARQUET_FIX), pq.ParquetFile(path) as parquet:
             names = parquet.schema_arrow.names
             for column, setting in zip(columns, ("the source's text_field", "data.score_field"), strict=False):
                 if column not in names:
@@ -376,6 +384,11 @@ def _parquet_units(
 
 def read_parquet_unit(unit: ParquetUnit) -> UnitDocuments:
     """Read, check and sample one unit, a batch of rows at a time (run in a reader process, or in this one)."""
+    with parquet_errors(unit.path, PARQUET_FIX, row_groups=unit.row_groups):
+        return _read_parquet_unit(unit)
+
+
+def _read_parquet_unit(unit: ParquetUnit) -> UnitDocuments:
     text_field, score_field = unit.columns[0], (unit.columns[1] if len(unit.columns) > 1 else None)
     texts: list[str] = []
     scores: list[float] | None = [] if score_field else None

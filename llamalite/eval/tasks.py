@@ -21,7 +21,7 @@ from typing import Any
 
 from llamalite.errors import DataError, did_you_mean
 from llamalite.files import sha256_file
-from llamalite.records import parse_json, parse_jsonl
+from llamalite.records import parquet_errors, parse_json, parse_jsonl
 
 MULTIPLE_CHOICE = "multiple_choice"
 LOGLIKELIHOOD = "loglikelihood"
@@ -55,8 +55,35 @@ class TaskSpec:
 
 
 # ------------------------------------------------------------------------------------------------ builders
+# A builder reads a record through _text, _texts and _label: a field of the wrong type or value is a ValueError,
+# which _build_example turns into one line naming the file and record. Nothing is converted (no str(5), int(1.5)).
+def _text(value: Any, field: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{field} is {_kind(value)}, not a string")
+    return value
+
+
+def _texts(value: Any, field: str) -> list[str]:
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{field} is {_kind(value)}, not a list of strings")
+    return [_text(item, f"{field} item {index}") for index, item in enumerate(value)]
+
+
+def _label(value: Any, field: str, digits: bool = False) -> int:
+    """A gold index: an integer, or (`digits`: where the task's Hugging Face schema spells it so) a decimal string."""
+    if digits and isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 4:
+        return int(value)
+    if type(value) is not int:
+        raise ValueError(f"{field} is {_kind(value)}, not an integer")
+    return value
+
+
+def _kind(value: Any) -> str:
+    shown = repr(value)
+    return f"{type(value).__name__} {shown if len(shown) <= 40 else shown[:37] + '...'}"
+
+
 def _multiple_choice(context: str, choices: list[str], gold: int) -> Example:
-    choices = [str(c) for c in choices]
     if not 0 <= gold < len(choices):
         raise ValueError(f"gold answer {gold} is not one of {len(choices)} choices")
     return Example((context,) * len(choices), tuple(" " + c for c in choices), gold, tuple(choices))
@@ -71,49 +98,70 @@ def hellaswag_preprocess(text: str) -> str:
 
 def build_hellaswag(doc: dict[str, Any]) -> Example:
     if doc.get("ctx_a") is not None and doc.get("ctx_b") is not None:
-        ctx = doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
+        ctx = _text(doc["ctx_a"], "ctx_a") + " " + _text(doc["ctx_b"], "ctx_b").capitalize()
     else:  # extractions that kept only `ctx` (= ctx_a + " " + ctx_b)
-        ctx = doc["ctx"]
-    query = hellaswag_preprocess(doc["activity_label"] + ": " + ctx)
-    return _multiple_choice(query, [hellaswag_preprocess(e) for e in doc["endings"]], int(doc["label"]))
+        ctx = _text(doc["ctx"], "ctx")
+    query = hellaswag_preprocess(_text(doc["activity_label"], "activity_label") + ": " + ctx)
+    endings = [hellaswag_preprocess(e) for e in _texts(doc["endings"], "endings")]
+    return _multiple_choice(query, endings, _label(doc["label"], "label", digits=True))  # Rowan/hellaswag: "2"
 
 
 def build_arc(doc: dict[str, Any]) -> Example:
     choices = doc["choices"]
-    return _multiple_choice(f"Question: {doc['question']}\nAnswer:", choices["text"],
-                            list(choices["label"]).index(doc["answerKey"]))
+    return _multiple_choice(f"Question: {_text(doc['question'], 'question')}\nAnswer:",
+                            _texts(choices["text"], "choices.text"),
+                            _texts(choices["label"], "choices.label").index(_text(doc["answerKey"], "answerKey")))
 
 
 def build_piqa(doc: dict[str, Any]) -> Example:
-    return _multiple_choice(f"Question: {doc['goal']}\nAnswer:", [doc["sol1"], doc["sol2"]], int(doc["label"]))
+    return _multiple_choice(f"Question: {_text(doc['goal'], 'goal')}\nAnswer:",
+                            [_text(doc["sol1"], "sol1"), _text(doc["sol2"], "sol2")], _label(doc["label"], "label"))
 
 
 def build_winogrande(doc: dict[str, Any]) -> Example:
-    sentence = doc["sentence"]
+    sentence = _text(doc["sentence"], "sentence")
     blank = sentence.index("_")
-    contexts = tuple(sentence[:blank] + option for option in (doc["option1"], doc["option2"]))
+    options = (_text(doc["option1"], "option1"), _text(doc["option2"], "option2"))
+    contexts = tuple(sentence[:blank] + option for option in options)
     continuation = " " + sentence[blank + 1:].strip()
-    gold = {"1": 0, "2": 1}[str(doc["answer"])]
+    answer = doc["answer"]
+    if answer not in ("1", "2") or type(answer) is not str:  # the schema's strings; 1 and 2 as integers too
+        answer = str(_label(answer, "answer"))
+    gold = {"1": 0, "2": 1}[answer]
     return Example(contexts, (continuation,) * 2, gold, contexts)
 
 
 def build_boolq(doc: dict[str, Any]) -> Example:
-    label = doc["label"] if "label" in doc else doc["answer"]  # super_glue/boolq: label 0/1; google/boolq: answer bool
-    return _multiple_choice(f"{doc['passage']}\nQuestion: {doc['question']}?\nAnswer:", ["no", "yes"], int(label))
+    if "label" in doc:  # super_glue/boolq: label 0/1
+        label = _label(doc["label"], "label")
+    elif isinstance(doc["answer"], bool):  # google/boolq: answer true/false
+        label = int(doc["answer"])
+    else:
+        raise ValueError(f"answer is {_kind(doc['answer'])}, not true or false")
+    context = f"{_text(doc['passage'], 'passage')}\nQuestion: {_text(doc['question'], 'question')}?\nAnswer:"
+    return _multiple_choice(context, ["no", "yes"], label)
 
 
 def build_openbookqa(doc: dict[str, Any]) -> Example:
     choices = doc["choices"]
-    return _multiple_choice(doc["question_stem"], choices["text"],
-                            list(choices["label"]).index(doc["answerKey"].lstrip()))
+    gold = _texts(choices["label"], "choices.label").index(_text(doc["answerKey"], "answerKey").lstrip())
+    return _multiple_choice(_text(doc["question_stem"], "question_stem"), _texts(choices["text"], "choices.text"), gold)
 
 
 def build_lambada(doc: dict[str, Any]) -> Example:
-    words = doc["text"].split(" ")
+    words = _text(doc["text"], "text").split(" ")
     if len(words) < 2:
         raise ValueError("text has no last word to predict")
     continuation = " " + words[-1]
     return Example((" ".join(words[:-1]),), (continuation,), 0, (continuation,))
+
+
+def check_example(example: Example) -> Example:
+    """What scoring needs of every example, whatever its task: a choice of no characters would divide acc_norm by
+    zero (lm-evaluation-harness's too)."""
+    if not all(example.choices):
+        raise ValueError("a choice is empty (after preprocessing): acc_norm divides by its length")
+    return example
 
 
 TASKS: dict[str, TaskSpec] = {
@@ -198,11 +246,8 @@ def read_records(path: Path, limit: int | None = None) -> tuple[list[dict[str, A
     if name.endswith(".parquet"):
         import pyarrow.parquet as pq
 
-        try:
+        with parquet_errors(path, TASK_FILE_FIX):
             records = pq.read_table(path).to_pylist()
-        except Exception as exc:  # pyarrow's ArrowInvalid, OSError, ...: a damaged or foreign file
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise DataError(f"{path} is not a readable Parquet file ({reason[:160]}): {TASK_FILE_FIX}") from None
         return records[:limit], len(records)
     raw = path.read_bytes()  # json parses UTF-8 bytes itself: nothing past the limit is decoded
     if name.endswith(".json"):
@@ -257,7 +302,8 @@ def _build_example(spec: TaskSpec, record: Any, where: str, index: int) -> Examp
         raise DataError(f"{where} is not in the {spec.name} schema: record {index} lacks {', '.join(missing)} "
                         f"(fields: {', '.join(spec.fields)}; it has {', '.join(map(str, record)) or 'none'})")
     try:
-        return spec.build(record)
-    except (KeyError, ValueError, TypeError, IndexError, AttributeError) as exc:
+        return check_example(spec.build(record))
+    except (KeyError, ValueError, TypeError, IndexError, AttributeError, OverflowError) as exc:
+        reason = " ".join(str(exc).split())[:160]  # one line, however long or odd the record's values
         raise DataError(f"{where} record {index} does not fit the {spec.name} schema "
-                        f"({type(exc).__name__}: {exc})") from None
+                        f"({type(exc).__name__}: {reason})") from None

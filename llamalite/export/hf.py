@@ -15,18 +15,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer as HFTokenizer
 
 from llamalite import __version__
 from llamalite.checkpoint.format import load_model_tensors, model_tensors, temp_dir_of, write_checkpoint_dir
 from llamalite.checkpoint.inference import load_for_inference
-from llamalite.config import Config
+from llamalite.config import Config, config_from_dict
 from llamalite.data.sft import jinja_template, trained_template
-from llamalite.errors import ExportError
+from llamalite.errors import ConfigError, ExportError
 from llamalite.files import claim_output, move_into, read_jsonl
 from llamalite.model.llama import Llama, ModelConfig, hf_name, name_from_hf
+from llamalite.model.weights_file import read_safetensors
 from llamalite.records import contained_path, expect_type, fields_of, read_json
 from llamalite.tokenizer import Tokenizer
 
@@ -292,13 +292,16 @@ def import_hf(hf_dir: Path, out_dir: Path, force: bool = False) -> Path:
     with fields_of(str(hf_config_file), IMPORT_FIX, error=ExportError):
         check_hf_numbers(hf)
         check_supported(hf)
-        model_config = model_config_from_hf(hf)
+        model_config = model_config_from_hf(hf, str(hf_config_file))
     model_config.validate()
     model = Llama(model_config)
     load_model_tensors(model, checked_tensors(model, read_hf_tensors(hf_dir)))
 
     config = Config(name=hf_dir.name, model=model.config)
     tokenizer_file = hf_dir / "tokenizer.json"
+    if tokenizer_file.exists() and not tokenizer_file.is_file():
+        raise ExportError(f"{tokenizer_file} is not a file: put the model's tokenizer.json there, or remove it to "
+                          "import the model without a tokenizer")
     tokenizer, special = None, {}
     if tokenizer_file.is_file():
         special = hf_special_tokens(hf_dir, hf, tokenizer_file)
@@ -376,22 +379,39 @@ def hf_weight_files(hf_dir: Path) -> list[str]:
     return names
 
 
-def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+# ModelConfig's key -> the key of a transformers config.json that gives its value
+HF_KEYS = {"vocab_size": "vocab_size", "n_layer": "num_hidden_layers", "d_model": "hidden_size",
+           "n_head": "num_attention_heads", "n_kv_head": "num_key_value_heads", "ffn_hidden": "intermediate_size",
+           "max_seq_len": "max_position_embeddings", "rope_theta": "rope_theta", "norm_eps": "rms_norm_eps",
+           "tie_embeddings": "tie_word_embeddings", "init_std": "initializer_range"}
+
+
+def model_config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
+    """The model config of a transformers config, through the same type and range checks as every llamalite config
+    (config_from_dict): a value out of range is one ExportError naming the config.json key."""
     rope_theta = (hf.get("rope_parameters") or {}).get("rope_theta", hf["rope_theta"])
-    return ModelConfig(
-        vocab_size=hf["vocab_size"],
-        n_layer=hf["num_hidden_layers"],
-        d_model=hf["hidden_size"],
-        n_head=hf["num_attention_heads"],
-        n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-        ffn_hidden=hf["intermediate_size"],
-        max_seq_len=hf["max_position_embeddings"],
-        rope_theta=float(rope_theta),
-        norm_eps=hf["rms_norm_eps"],
-        tie_embeddings=hf["tie_word_embeddings"],
-        init_std=hf.get("initializer_range", ModelConfig.init_std),
-        qk_norm=hf.get("model_type") == "qwen3",
-    )
+    raw = {
+        "vocab_size": hf["vocab_size"],
+        "n_layer": hf["num_hidden_layers"],
+        "d_model": hf["hidden_size"],
+        "n_head": hf["num_attention_heads"],
+        "n_kv_head": hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        "ffn_hidden": hf["intermediate_size"],
+        "max_seq_len": hf["max_position_embeddings"],
+        "rope_theta": rope_theta,
+        "norm_eps": hf["rms_norm_eps"],
+        "tie_embeddings": hf["tie_word_embeddings"],
+        "init_std": hf.get("initializer_range", ModelConfig.init_std),
+        "qk_norm": hf.get("model_type") == "qwen3",
+    }
+    try:
+        return config_from_dict({"model": raw}).model
+    except ConfigError as exc:
+        message = str(exc)
+        for ours, theirs in HF_KEYS.items():
+            message = re.sub(rf"\bmodel\.{ours}\b", theirs, message)
+        raise ExportError(f"{source}: {message} (llamalite cannot hold this model: fix the value or import another "
+                          "model)") from None
 
 
 def read_hf_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
@@ -409,15 +429,9 @@ def read_hf_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
                           "save_pretrained(..., safe_serialization=True) first")
     tensors = {}
     for filename in files:
-        try:
-            with safe_open(hf_dir / filename, framework="pt") as f:
-                for name in f.keys():
-                    if not name.endswith("rotary_emb.inv_freq"):  # a buffer old transformers versions saved
-                        tensors[name_from_hf(name)] = f.get_tensor(name)
-        except (SafetensorError, OSError) as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise ExportError(f"{hf_dir / filename} is not a readable safetensors file ({reason[:160]}): "
-                              f"{IMPORT_FIX}") from None
+        for name, tensor in read_safetensors(hf_dir / filename, ExportError, IMPORT_FIX).items():
+            if not name.endswith("rotary_emb.inv_freq"):  # a buffer old transformers versions saved
+                tensors[name_from_hf(name)] = tensor
     return tensors
 
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llamalite.errors import ConfigError
 from llamalite.model.config import ModelConfig
 from llamalite.model.kv_cache import DecodeCache, StaticKVCache
 
@@ -210,6 +211,30 @@ def soft_cap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
     return logits if cap is None else cap * torch.tanh(logits / cap)
 
 
+OUT_OF_MEMORY_MESSAGES = ("can't allocate memory", "not enough memory", "out of memory")
+
+
+def is_out_of_memory(exc: RuntimeError) -> bool:
+    """An allocation the machine refused (CPU or GPU), as opposed to any other RuntimeError (a bug: its traceback)."""
+    return isinstance(exc, torch.OutOfMemoryError) or any(text in str(exc) for text in OUT_OF_MEMORY_MESSAGES)
+
+
+def parameter_count(config: ModelConfig) -> int:
+    """The parameters of a Llama of this config, from its shape alone (nothing allocated)."""
+    d, hd = config.d_model, config.head_dim
+    attention = 2 * d * config.n_head * hd + 2 * d * config.n_kv_head * hd + (2 * hd if config.qk_norm else 0)
+    block = attention + 3 * d * config.ffn_hidden + 2 * d
+    embeddings = config.vocab_size * d * (1 if config.tie_embeddings else 2)
+    return embeddings + config.n_layer * block + d
+
+
+def too_large_message(config: ModelConfig) -> str:
+    count = parameter_count(config)
+    return (f"the model ({count:,} parameters, {4 * count / 2**30:,.1f} GiB in fp32) cannot be allocated on this "
+            "machine: choose a smaller model (model.d_model, model.ffn_hidden, model.n_layer, model.vocab_size); "
+            "`llamalite plan CONFIG` shows the memory a run needs")
+
+
 class Llama(nn.Module):
     """Decoder-only LLaMA. forward(tokens) -> logits of shape (B, T, vocab_size)."""
 
@@ -217,6 +242,14 @@ class Llama(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
+        try:
+            self._build(config)
+        except RuntimeError as exc:  # torch.OutOfMemoryError is one
+            if not is_out_of_memory(exc):
+                raise
+            raise ConfigError(too_large_message(config)) from None
+
+    def _build(self, config: ModelConfig) -> None:
         # A model built on the meta device only waits for loaded weights: no initialisation at all (nn.Embedding's
         # own normal_ on a meta tensor would import torch._dynamo, seconds in a fresh process).
         on_meta = torch.get_default_device().type == "meta"

@@ -10,11 +10,12 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from llamalite.errors import CheckpointError, ConfigError
 from llamalite.model.llama import hf_name, name_from_hf
+from llamalite.model.weights_file import read_safetensors
 
 
 class LoraSettings(Protocol):
@@ -55,6 +56,7 @@ def is_lora_state(tensor_names: Iterable[str]) -> bool:
 
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_FIX = "pass a folder written by llamalite merge --adapter-out"
 PEFT_PREFIX = "base_model.model."  # what peft puts before a module's name in the adapter's tensor names
 
 
@@ -64,7 +66,8 @@ def save_adapter(peft_model: Any, out_dir: Path, base: str | None) -> Path:
     peft_model.peft_config["default"].base_model_name_or_path = base
     peft_model.save_pretrained(str(out_dir), save_embedding_layers=False)  # adapters only: embeddings are not adapted
     weights = Path(out_dir) / ADAPTER_WEIGHTS
-    save_file(renamed(load_file(weights), hf_name), weights, metadata={"format": "pt"})
+    adapter = read_safetensors(weights, CheckpointError, ADAPTER_FIX)
+    save_file(renamed(adapter, hf_name), weights, metadata={"format": "pt"})
     return out_dir
 
 
@@ -79,7 +82,8 @@ def load_adapter(model: nn.Module, adapter_dir: Path) -> Any:
     config = peft.PeftConfig.from_pretrained(str(adapter_dir))
     config.base_model_name_or_path = None  # `model` is the base (peft warns when a config names another)
     peft_model = peft.get_peft_model(model, config)
-    result = peft.set_peft_model_state_dict(peft_model, renamed(load_file(weights), name_from_hf))
+    adapter = read_safetensors(weights, CheckpointError, ADAPTER_FIX)
+    result = peft.set_peft_model_state_dict(peft_model, renamed(adapter, name_from_hf))
     if result.unexpected_keys:
         raise CheckpointError(f"{weights} holds tensors this model has no place for "
                               f"({result.unexpected_keys[0]}, ...): load it onto the base it was trained on")

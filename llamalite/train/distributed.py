@@ -36,6 +36,15 @@ def resolve_parallel(mode: str, world_size: int) -> str:
     return mode
 
 
+def require_process_group(parallel: str, command: str = "train") -> None:
+    """ddp and fsdp wrap the model in a process group, which only torchrun's processes join (runtime.init_distributed):
+    refuse them in one process before anything is written."""
+    if parallel in ("ddp", "fsdp") and not dist.is_initialized():
+        raise DistributedError(f"train.parallel={parallel} needs several processes started by torchrun "
+                               f"(torchrun --nproc_per_node N -m llamalite {command} CONFIG): "
+                               "use train.parallel=auto or none for one process")
+
+
 # ------------------------------------------------------------------------------------------------- wrapping
 def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
     """Recompute each block in backward (`block`), or keep its matmul and attention outputs and recompute only the

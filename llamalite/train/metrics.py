@@ -3,7 +3,6 @@ truncation on resume."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any
 import torch
 
 from llamalite.files import JsonlWriter, atomic_write_text
+from llamalite.records import parse_run_record
 from llamalite.train.trackers import TensorBoardTracker, Tracker
 
 # Dense bf16 tensor-core peaks (FLOP/s) by substring of torch.cuda.get_device_name().
@@ -135,15 +135,10 @@ def checkpoints_recorded(events_path: Path) -> list[str]:
 
 
 def _record(line: str) -> dict[str, Any] | None:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError:
-        return None
-    return record if isinstance(record, dict) else None
+    return parse_run_record(line)
 
 
 def _record_step(line: str) -> int | None:
-    try:
-        return int(json.loads(line)["step"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-        return None
+    """The step of a record line; None for a torn or foreign line, or a step that is not an integer."""
+    step = (parse_run_record(line) or {}).get("step")
+    return step if type(step) is int else None

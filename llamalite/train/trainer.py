@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import re
 import shutil
 import signal
 import sys
@@ -42,7 +43,7 @@ from llamalite.data.loader import TokenLoader, read_manifest, validation_batches
 from llamalite.errors import ConfigError, LlamaliteError, TrainError, did_you_mean
 from llamalite.eval.harness import validation_metrics
 from llamalite.eval.suite import EVALS_FILE, BenchmarkSuite
-from llamalite.files import claim_output, folder_lock
+from llamalite.files import claim_output, folder_lock, remove_own_files
 from llamalite.generate import sample
 from llamalite.model.llama import Llama, ModelConfig
 from llamalite.model.presets import training_flops_per_token
@@ -87,8 +88,20 @@ from llamalite.train.step import build_loss_fn
 from llamalite.train.trackers import WANDB_DIR, WANDB_ID_FILE, PriorRun, check_logging, open_trackers
 
 logger = logging.getLogger(__name__)
-RUN_FILES = ("metrics.jsonl", "events.jsonl", "evals.jsonl", "samples.jsonl", "tb", "checkpoints", "report",
-             WANDB_DIR, WANDB_ID_FILE)
+# What a training run writes into its run directory, and all that train.overwrite=true deletes (files.remove_own_files):
+# its records, its checkpoint directories (and their temporaries and `latest`), the event files of its TensorBoard
+# writer and its W&B files. A user's file anywhere else, or one whose name only resembles these, stays; so does
+# report/, the report command's output.
+RUN_FILES = re.compile("|".join([
+    r"(metrics|events|evals|samples)\.jsonl",
+    WANDB_ID_FILE,
+    r"checkpoints/(\.tmp_(pruned_)?)?step_\d{7,}",
+    r"checkpoints/latest",
+    r"checkpoints/\.latest\.\d+\.[0-9a-f]+\.tmp",  # files.atomic_write's temporary
+    r"tb/events\.out\.tfevents\.[^/]+",  # torch SummaryWriter's files, directly in tb/
+    rf"{WANDB_DIR}/((offline-)?run-[^/]+|latest-run|debug(-internal)?\.log)",
+]))
+RUN_FOLDERS = ("checkpoints", "tb", WANDB_DIR)  # removed by train.overwrite=true when nothing else is left in them
 
 
 def refuse_a_run_whose_checkpoints_are_gone(run_dir: Path) -> None:
@@ -140,6 +153,7 @@ class Trainer:
         if self.dist.active and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
         self.parallel = distributed.resolve_parallel(self.train_cfg.parallel, self.dist.world_size)
+        distributed.require_process_group(self.parallel, "sft" if self.run_purpose == "sft-run" else "train")
         configure_device(self.device)
         self.dtype = resolve_dtype(self.train_cfg.dtype, self.device)  # bf16 | fp32
         torch.manual_seed(self.train_cfg.seed)
@@ -293,9 +307,7 @@ class Trainer:
                      or any(list_checkpoints(run_dir / "checkpoints")))
         checkpoint, corrupt, prior = None, [], None
         if holds_run and self.train_cfg.overwrite:
-            for entry in RUN_FILES:
-                path = run_dir / entry
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+            remove_own_files(run_dir, RUN_FILES, empty_folders=RUN_FOLDERS)
         elif holds_run:
             checkpoint = newest_valid_checkpoint(run_dir / "checkpoints",
                                                  on_corrupt=lambda p, why: corrupt.append((p, why)))

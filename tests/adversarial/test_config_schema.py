@@ -380,3 +380,124 @@ def test_gpu_hardware_refuses_what_the_cli_would(args):
     settings_ = dict(gpu="h100", gpus=1, memory=None, flops=None, mfu=0.4) | args
     with pytest.raises(ConfigError):
         gpu_hardware(**settings_)
+
+
+# -- merge keys, costly small values, devices, process groups ------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(keys=st.lists(st.sampled_from(["<<", "max_steps", "seed", "run_dir"]), min_size=2, max_size=6),
+       nested=st.booleans())
+def test_a_repeated_merge_key_is_refused_like_any_key(keys, nested):
+    """`<<` drawn among plain keys: the first repeat (merge key or not) is refused naming both lines; a mapping
+    without one loads (several mappings merge as one `<<: [...]`)."""
+    indent = "  " if nested else ""
+    lines = ["train:"] if nested else []
+    for key in keys:
+        value = "{max_steps: 3, run_dir: run}" if key == "<<" else "1"
+        lines.append(f"{indent}{key}: {value}")
+    text = "\n".join(lines) + "\n"
+    first_line = {}
+    repeat = None
+    for index, key in enumerate(keys):
+        line = index + 1 + nested
+        if key in first_line:
+            repeat = (key, first_line[key], line)
+            break
+        first_line[key] = line
+    if repeat is None:
+        assert isinstance(load_yaml(text), dict)
+        return
+    with pytest.raises(DuplicateKeyError, match=rf"key '{repeat[0]}' appears twice in one mapping, at line "
+                                                rf"{repeat[1]} and line {repeat[2]}"):
+        load_yaml(text)
+
+
+def test_the_issues_repeated_merge_key(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  <<: {max_steps: 3, run_dir: run}\n  <<: {max_steps: 5}\n")
+    with pytest.raises(ConfigError, match="key '<<' appears twice in one mapping, at line 2 and line 3"):
+        load_config(path)
+    path.write_text("a: &a {max_steps: 3}\nb: &b {seed: 4}\ntrain:\n  <<: [*a, *b]\n  '<<': 1\n")
+    assert load_yaml(path.read_text())["train"] == {"max_steps": 3, "seed": 4, "<<": 1}
+
+
+@settings(max_examples=30, deadline=None)
+@given(shard_tokens=st.integers(-5, 255))
+def test_a_shard_too_small_to_be_worth_a_file_is_refused(shard_tokens):
+    """data.shard_tokens=1 made prepare write a file, a checksum and a progress record (listing every shard) per
+    token: its declared range starts at MIN_SHARD_TOKENS."""
+    from llamalite.config import MIN_SHARD_TOKENS
+
+    with pytest.raises(ConfigError, match=r"data.shard_tokens=.* must be an integer in \[256, 2\*\*50\]"):
+        load_config(DEMO, [f"data.shard_tokens={shard_tokens}"])
+    assert load_config(DEMO, [f"data.shard_tokens={MIN_SHARD_TOKENS}"]).data.shard_tokens == MIN_SHARD_TOKENS
+
+
+device_names = st.one_of(
+    st.sampled_from(["mps", "cuda", "cuda:0", "cuda:1", "cuda:7", "cuda:99999999999", "xpu", "xpu:0", "meta",
+                     "cpu:1", "hip", "vulkan", "mkldnn", "", "cuda:", "cuda:-1", "CPU"]),
+    st.from_regex(r"(cpu|cuda|mps|xpu|meta|hpu|mtia)(:\d{1,3})?", fullmatch=True),
+    st.text(max_size=8))
+
+
+@settings(max_examples=80, deadline=None)
+@given(name=device_names)
+def test_any_device_name_is_usable_or_one_line(name):
+    """runtime.resolve_device, which train, sft and eval all go through: a device this torch can use, or one
+    ConfigError line naming the devices that are there (torch's own 'not linked with support for mps' traceback
+    came later, at the first tensor)."""
+    import torch
+
+    from llamalite.runtime import available_devices, resolve_device
+
+    try:
+        device = resolve_device(name)
+    except ConfigError as exc:
+        assert "\n" not in str(exc) and "use auto or one of cpu" in str(exc)
+        return
+    assert str(device) in available_devices()
+    torch.zeros(1, device=device)  # really usable
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=FIXTURES)
+@given(name=st.sampled_from(["mps", "cuda:99", "cuda:7"]) | st.from_regex(r"cuda(:\d{1,2})?", fullmatch=True))
+def test_train_on_a_device_that_is_not_there_is_one_line_and_writes_nothing(capsys, tmp_path_factory, name):
+    from llamalite.runtime import available_devices
+
+    assume(name not in available_devices())
+    tmp = tmp_path_factory.mktemp("device")
+    outcome = run_main(capsys, ["train", DEMO, *_where(tmp), f"train.device={name}"])
+    assert_clean_outcome(outcome, allow_success=False)
+    assert "use auto or one of cpu" in outcome.err
+    assert not _paths(tmp)
+
+
+@pytest.fixture(scope="module")
+def base_run(corpus_dir, prepared_dir, tmp_path_factory) -> Path:
+    """A two-layer model trained for a few steps: sft's base."""
+    from llamalite.train.trainer import Trainer
+    from tests.conftest import small_config
+
+    run = tmp_path_factory.mktemp("base") / "run"
+    Trainer(small_config(corpus_dir, prepared_dir, run)).fit()
+    return run
+
+
+@pytest.mark.parametrize("command", ["train", "sft"])
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_ddp_or_fsdp_without_torchrun_is_one_line_and_writes_nothing(capsys, tmp_path, monkeypatch, command, parallel,
+                                                                    request):
+    for variable in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(variable, raising=False)
+    config = DEMO
+    if command == "sft":  # a config of sft's own: the base checkpoint brings the model
+        config = tmp_path / "sft.yaml"
+        config.write_text(f"sft:\n  base: {request.getfixturevalue('base_run')}\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.chdir(out)
+    outcome = run_main(capsys, [command, config, *_where(out), f"train.parallel={parallel}", "train.device=cpu"])
+    assert_clean_outcome(outcome, allow_success=False)
+    assert f"torchrun --nproc_per_node N -m llamalite {command} CONFIG" in outcome.err
+    assert not _paths(out)

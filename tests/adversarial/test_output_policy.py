@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import stat
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -511,3 +513,308 @@ def test_a_fine_tuning_run_and_a_pretraining_run_never_take_each_others_director
     assert_clean_outcome(outcome, allow_success=False)
     assert "run directory" in outcome.err
     assert_untouched(before, run_dir)
+
+
+# ================================================================================================= overwrite: own only
+# A user's files in every folder of a run directory, with names that look like the run's own but are not: each must
+# survive train.overwrite=true, while every file the run wrote goes (no stale checkpoint left for a resume to pick).
+USER_FILES_IN_A_RUN = [
+    "NOTES.txt", "metrics.jsonl.bak", "my_metrics.jsonl", "events.jsonl~", "wandb_run_id.txt",
+    "checkpoints/NOTES.txt", "checkpoints/step_12/model.safetensors", "checkpoints/notes_step_0000001",
+    "checkpoints/step_0000001.bak", "checkpoints/step_00000x1", "checkpoints/latest.txt", "checkpoints/old/latest",
+    "checkpoints/.tmp_mine", "tb/other_experiment/events.out", "tb/other_experiment/events.out.tfevents.1.h.1.0",
+    "tb/notes.md", "tb/myevents.out.tfevents.1", "report/my_analysis.md", "report/index.html.orig",
+    "wandb/my-notes.txt", "wandb/runs.csv", "nested/checkpoints/step_0000001/x", "nested/metrics.jsonl",
+]
+RUN_OWN_PLANTED = [  # what an earlier attempt of the run (W&B, a crash mid-write) would have left: the run's own
+    "wandb_run_id", "wandb/offline-run-20260101_000000-abc/files/x", "wandb/latest-run", "wandb/debug.log",
+    "checkpoints/.tmp_step_0000009/x", "checkpoints/.tmp_pruned_step_0000003/x", "checkpoints/step_0000007/x",
+]
+
+
+def test_train_overwrite_keeps_every_user_file_in_every_folder_of_the_run(artefacts, work, capsys):
+    work.mkdir()
+    inputs = train_inputs(artefacts, work)
+    run_dir = work / "run"
+    assert run_main(capsys, train_argv(inputs, run_dir)).code == 0
+    assert run_main(capsys, ["report", run_dir]).code == 0
+    for name in USER_FILES_IN_A_RUN + RUN_OWN_PLANTED:
+        (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / name).write_text(f"mine: {name}\n")
+    user = {name: digest for name, digest in tree_snapshot(run_dir).items()
+            if name in USER_FILES_IN_A_RUN or name.startswith("report/")}
+    old_events = set(run_dir.glob("tb/events.out.tfevents.*"))
+
+    outcome = run_main(capsys, [*train_argv(inputs, run_dir), "train.overwrite=true"])
+
+    assert outcome.code == 0, outcome.err[-2000:]
+    assert_untouched(user, run_dir)  # the report (report's output, not train's) stays too
+    for name in RUN_OWN_PLANTED:
+        assert not (run_dir / name).exists(), f"{name} of the earlier run was kept"
+    assert not old_events & set(run_dir.glob("tb/events.out.tfevents.*"))
+    assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["step_0000001"]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(user=st.lists(st.tuples(st.sampled_from(["", "checkpoints/", "tb/", "wandb/", "report/", "tb/x/",
+                                                "checkpoints/step_0000001/"]),
+                               st.text(alphabet="abcdefgijklmnopqrstuvwxyz._-0123456789", min_size=1, max_size=24)),
+                     max_size=6))
+def test_overwrite_deletes_only_names_the_run_writes_over_generated_names(tmp_path_factory, user):
+    """The choke point itself (files.remove_own_files with trainer.RUN_FILES): a drawn name is deleted only when it
+    is exactly one the run writes; everything else, in any folder, stays."""
+    from llamalite.files import remove_own_files
+    from llamalite.train.trainer import RUN_FILES, RUN_FOLDERS
+
+    root = tmp_path_factory.mktemp("own")
+    for folder, name in user:
+        path = root / folder / name
+        if name in (".", "..") or path.parent.is_file() or path.is_dir():
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
+    files = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+
+    def ours(relative: str) -> bool:
+        parts = relative.split("/")
+        return any(RUN_FILES.fullmatch("/".join(parts[:i])) for i in range(1, len(parts) + 1))
+
+    remove_own_files(root, RUN_FILES, empty_folders=RUN_FOLDERS)
+    left = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+    assert left == {name for name in files if not ours(name)}
+
+
+# ================================================================================================= early failures
+def _missing_source(config: Config, work: Path) -> None:
+    config.data.sources[0].path = str(work / "no-such-corpus")
+
+
+def _tokenizer_folder_without_tokenizer(config: Config, work: Path) -> None:
+    config.tokenizer.path = str(Path(config.data.sources[0].path))
+
+
+def _tokenizer_is_a_yaml_file(config: Config, work: Path) -> None:
+    (work / "tok.yaml").write_text("a: 1\n")
+    config.tokenizer.path = str(work / "tok.yaml")
+
+
+def _tokenizer_is_empty_json(config: Config, work: Path) -> None:
+    (work / "tok.json").write_text("{}")
+    config.tokenizer.path = str(work / "tok.json")
+
+
+def _tokenizer_path_missing(config: Config, work: Path) -> None:
+    config.tokenizer.path = str(work / "no-tokenizer.json")
+
+
+def _jsonl_records(lines: list[str]) -> Callable[[Config, Path], None]:
+    def use(config: Config, work: Path) -> None:
+        (work / "src.jsonl").write_text("".join(line + "\n" for line in lines))
+        config.data.sources[0].type, config.data.sources[0].path = "jsonl", str(work / "src.jsonl")
+    use.__name__ = "jsonl"
+    return use
+
+
+PREPARE_FAILURES = {
+    "missing-source": _missing_source,
+    "tokenizer-folder-without-tokenizer": _tokenizer_folder_without_tokenizer,
+    "tokenizer-a-yaml-file": _tokenizer_is_a_yaml_file,
+    "tokenizer-empty-json": _tokenizer_is_empty_json,
+    "tokenizer-missing": _tokenizer_path_missing,
+    "record-without-text": _jsonl_records(['{"txt": "hello"}']),
+    "record-text-not-a-string": _jsonl_records(['{"text": 5}']),
+    "record-not-json": _jsonl_records(["not json"]),
+    "no-documents": _jsonl_records([]),
+    "too-few-documents": _jsonl_records(['{"text": "one short document"}']),
+}
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new-folder", "empty-folder"])
+@pytest.mark.parametrize("failure", list(PREPARE_FAILURES), ids=list(PREPARE_FAILURES))
+def test_a_prepare_that_fails_before_any_work_leaves_nothing(artefacts, failure, existing, work, capsys):
+    work.mkdir()
+    corpus = copy(artefacts.corpus, work / "corpus")
+    out = work / "new" / "prepared"
+    if existing:
+        out.mkdir(parents=True)
+    config = small_config(corpus, out, work / "unused-run")
+    PREPARE_FAILURES[failure](config, work)
+    argv = ["prepare", config_file(config, work / "prepare.yaml")]
+    paths_before = every_path(work)
+
+    outcome = run_main(capsys, argv)
+
+    assert_clean_outcome(outcome, allow_success=False)
+    assert every_path(work) == paths_before, f"left: {sorted(every_path(work) - paths_before)}"
+
+
+def test_a_prepare_that_fails_after_a_finished_shard_keeps_it_to_resume(artefacts, work, capsys, monkeypatch):
+    """What is resumable stays on purpose (docs/safety.md): the failure comes after a progress record."""
+    from llamalite.data import prepare as prepare_module
+
+    work.mkdir()
+    corpus = copy(artefacts.corpus, work / "corpus")
+    out = work / "prepared"
+    config = small_config(corpus, out, work / "unused-run")
+    config.data.shard_tokens = 2048
+    argv = ["prepare", config_file(config, work / "prepare.yaml")]
+
+    real_write_progress = prepare_module.write_progress
+    calls = []
+
+    def write_progress_then_fail(*args, **kwargs):
+        real_write_progress(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:  # after the first finished shard
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare_module, "write_progress", write_progress_then_fail)
+    assert run_main(capsys, argv).code == 130  # interrupted (Ctrl-C)
+    assert (out / prepare_module.PROGRESS_FILE).is_file() and (out / prepare_module.TOKENIZER_FILE).is_file()
+    assert (out / "train_000000.bin").is_file()
+    monkeypatch.undo()
+    assert run_main(capsys, argv).code == 0  # resumed
+
+
+def _point(section: str, key: str, name: str, content: str | None = None) -> Callable[[Config, Path], None]:
+    """Set config.<section>.<key> to work/<name>: a file of `content`, a folder ("/"), or nothing (None)."""
+    def breaks(config: Config, work: Path) -> None:
+        if content == "/":
+            (work / name).mkdir()
+        elif content is not None:
+            (work / name).write_text(content)
+        setattr(getattr(config, section), key, str(work / name))
+    return breaks
+
+
+TRAIN_FAILURES = {  # (command, how to break its config) -> each fails after parsing, before any training
+    "train-missing-data": ("train", _point("data", "out_dir", "no-data")),
+    "train-empty-data": ("train", _point("data", "out_dir", "empty-data", "/")),
+    "train-data-a-file": ("train", _point("data", "out_dir", "data.txt", "text")),
+    "train-vocab-too-small": ("train", lambda config, work: setattr(config.model, "vocab_size", 100)),
+    "sft-missing-data": ("sft", _point("sft", "data", "no-such.jsonl")),
+    "sft-empty-data": ("sft", _point("sft", "data", "empty.jsonl", "")),
+    "sft-records-without-fields": ("sft", _point("sft", "data", "bad.jsonl", '{"x": 1}\n' * 5)),
+    "sft-data-not-json": ("sft", _point("sft", "data", "bad.jsonl", "not json\n" * 5)),
+    "sft-missing-base": ("sft", _point("sft", "base", "no-base")),
+    "sft-base-empty-folder": ("sft", _point("sft", "base", "empty-base", "/")),
+}
+
+
+@pytest.mark.parametrize("failure", list(TRAIN_FAILURES), ids=list(TRAIN_FAILURES))
+def test_a_train_or_sft_that_fails_before_any_work_leaves_no_folder(artefacts, failure, work, capsys):
+    work.mkdir()
+    command, breaks = TRAIN_FAILURES[failure]
+    out = work / "new" / "run"
+    if command == "train":
+        inputs = train_inputs(artefacts, work)
+        config = small_config(inputs["prepared"].parent / "corpus-unused", inputs["prepared"], out, max_steps=1,
+                              eval_interval=0)
+    else:
+        inputs = sft_inputs(artefacts, work)
+        config = sft_config(inputs["base"], inputs["data"], out, "full")
+    breaks(config, work)
+    argv = [command, config_file(config, work / f"{command}.yaml")]
+    paths_before = every_path(work)
+
+    outcome = run_main(capsys, argv)
+
+    assert_clean_outcome(outcome, allow_success=False)
+    assert every_path(work) == paths_before, f"left: {sorted(every_path(work) - paths_before)}"
+
+
+# ================================================================================================= output files
+class Hung(Exception):  # not an OSError (as TimeoutError is), which the code under test might catch
+    pass
+
+
+@contextmanager
+def watchdog(seconds: int):
+    """A hang fails the test instead of hanging the suite."""
+    def expired(signum, frame):
+        raise Hung(f"no answer in {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _fifo(work: Path) -> Path:
+    os.mkfifo(work / "results.json")
+    return work / "results.json"
+
+
+def _link_to(target: Path, work: Path) -> Path:
+    (work / "results.json").symlink_to(target)
+    return work / "results.json"
+
+
+def _sparse(work: Path) -> Path:
+    with open(work / "results.json", "wb") as f:
+        f.truncate(1 << 30)  # a gigabyte of zeros, on no disk
+    return work / "results.json"
+
+
+def _link_to_folder(work: Path) -> Path:
+    (work / "folder").mkdir()
+    return _link_to(work / "folder", work)
+
+
+def _socket(work: Path) -> Path:
+    import socket
+
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(work / "results.json"))
+    server.close()
+    return work / "results.json"
+
+
+NOT_REGULAR_OUTPUTS = {
+    "fifo": _fifo,
+    "link-to-fifo": lambda work: _link_to(_fifo(work).rename(work / "pipe"), work),
+    "dev-null": lambda work: Path("/dev/null"),
+    "dev-zero": lambda work: Path("/dev/zero"),
+    "dev-full": lambda work: Path("/dev/full"),
+    "link-to-dev-zero": lambda work: _link_to(Path("/dev/zero"), work),
+    "socket": _socket,
+    "link-to-folder": _link_to_folder,
+    "sparse-1GiB": _sparse,
+}
+
+
+@pytest.mark.parametrize("state", list(NOT_REGULAR_OUTPUTS), ids=list(NOT_REGULAR_OUTPUTS))
+def test_eval_output_json_onto_what_is_not_a_small_regular_file_is_refused_unread(artefacts, state, work, capsys):
+    work.mkdir()
+    inputs = eval_inputs(artefacts, work)
+    out = NOT_REGULAR_OUTPUTS[state](work)
+    if not (out.exists() or out.is_symlink()):
+        pytest.skip(f"{out} does not exist here")
+    paths_before = every_path(work)
+
+    with watchdog(20):
+        outcome = run_main(capsys, eval_argv(inputs, out))
+
+    assert_clean_outcome(outcome, allow_success=False)
+    assert str(out) in outcome.err
+    assert every_path(work) == paths_before
+
+
+@pytest.mark.parametrize("state", list(NOT_REGULAR_OUTPUTS), ids=list(NOT_REGULAR_OUTPUTS))
+def test_an_output_file_that_is_not_a_small_regular_file_is_never_offered_to_recognise(tmp_path, state):
+    """claim_output_file, for every output file of the policy: a recogniser that would accept anything is not even
+    asked about a FIFO, a device, a socket, a folder or a file too large to be ours."""
+    from llamalite.files import claim_output_file, read_regular_file
+
+    out = NOT_REGULAR_OUTPUTS[state](tmp_path)
+    if not (out.exists() or out.is_symlink()):
+        pytest.skip(f"{out} does not exist here")
+    asked = []
+    with watchdog(20):
+        with pytest.raises(ConfigError) as refused:
+            claim_output_file(out, "eval-results", "--output-json", recognise=lambda path: asked.append(path) or True)
+        assert read_regular_file(out) is None
+    assert not asked and "\n" not in str(refused.value)

@@ -396,3 +396,341 @@ def test_contained_path_never_leaves_its_folder(tmp_path_factory, name):
         assert "\n" not in str(exc)
         return
     assert path.resolve().is_relative_to(folder.resolve())
+
+
+# ------------------------------------------------------------------------------------------------- issue 28 red team
+# Every reader of a format goes through records.py: Parquet through parquet_errors, JSON Lines sources through
+# parse_json, a run's records through parse_run_record; task records through the task builders' checks; tokenizers
+# through Tokenizer's model check and encoding wrapper. Each is tried with drawn damage, at the choke point (many
+# cases, cheap) and through the command (a few cases).
+CLASS_SETTINGS = dict(derandomize=True, deadline=None, database=None,
+                      suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+def _one_line_error(outcome, name: str | None = None) -> None:
+    assert_clean_outcome(outcome)
+    if outcome.code and name is not None:
+        assert name in outcome.err.splitlines()[-1], outcome.err[-500:]
+
+
+@st.composite
+def parquet_damage(draw, data: bytes) -> bytes:
+    """A real Parquet file truncated, with bytes flipped in its footer or body, or with its middle zeroed."""
+    kind = draw(st.sampled_from(["truncate", "footer", "body", "zero_middle", "empty_between_magic"]))
+    size = len(data)
+    if kind == "truncate":
+        return data[:draw(st.integers(0, size - 1))]
+    if kind == "empty_between_magic":
+        return b"PAR1" + b"\0" * draw(st.integers(0, 64)) + b"PAR1"
+    mutated = bytearray(data)
+    if kind == "zero_middle":
+        start = draw(st.integers(4, size // 2))
+        end = min(size, start + draw(st.integers(1, size // 2)))
+        mutated[start:end] = bytes(end - start)
+        return bytes(mutated)
+    footer = int.from_bytes(data[-8:-4], "little") + 8
+    low, high = (size - footer, size - 1) if kind == "footer" else (4, max(4, size - footer - 1))
+    for _ in range(draw(st.integers(1, 4))):
+        mutated[draw(st.integers(low, high))] ^= draw(st.integers(1, 255))
+    return bytes(mutated)
+
+
+def _parquet_corpus(folder: Path, rows: int = 40) -> Path:
+    pyarrow, parquet = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    folder.mkdir(parents=True, exist_ok=True)
+    texts = [" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(30)) for i in range(rows)]
+    parquet.write_table(pyarrow.table({"text": texts}), folder / "a.parquet", row_group_size=10)
+    return folder / "a.parquet"
+
+
+def _prepare_config(root: Path, work: Path, sources: list[dict], read_workers: int = 1) -> Path:
+    from llamalite.config import SourceConfig
+
+    config = Config(name="t")
+    config.tokenizer.path = str(root / "data" / "tokenizer.json")  # a fixed tokenizer: prepare only reads and encodes
+    config.data.sources = [SourceConfig(**source) for source in sources]
+    config.data.out_dir, config.data.val_fraction = str(work / "out"), 0.2
+    config.data.num_workers, config.data.read_workers = 1, read_workers
+    save_config(config, work / "prepare.yaml")
+    return work / "prepare.yaml"
+
+
+@settings(max_examples=14, **CLASS_SETTINGS)
+@given(damage=st.data(), read_workers=st.sampled_from([1, 2]))
+def test_a_damaged_parquet_source_is_one_line_naming_it(root, tmp_path_factory, capsys, damage, read_workers):
+    work = tmp_path_factory.mktemp("parquet_source")
+    good = _parquet_corpus(work / "corpus")
+    bad = work / "corpus" / "c.parquet"
+    bad.write_bytes(damage.draw(parquet_damage(good.read_bytes())))
+    config = _prepare_config(root, work, [{"type": "parquet", "path": str(work / "corpus")}], read_workers)
+    _one_line_error(run_main(capsys, ["prepare", config]), "c.parquet")
+
+
+@settings(max_examples=30, **CLASS_SETTINGS)
+@given(damage=st.data())
+def test_every_parquet_reader_turns_pyarrow_errors_into_one_line(root, tmp_path_factory, damage):
+    """The readers themselves, more cases: the layout (metadata), the row-group reader and the task-file reader."""
+    from llamalite.config import SourceConfig
+    from llamalite.data.sources import ParquetUnit, _forget_open_parquet, parquet_layout, read_parquet_unit
+    from llamalite.errors import DataError
+    from llamalite.eval.tasks import read_records
+
+    work = tmp_path_factory.mktemp("parquet_readers")
+    good = _parquet_corpus(work)
+    path = work / "b.parquet"
+    path.write_bytes(damage.draw(parquet_damage(good.read_bytes())))
+    source = SourceConfig(type="parquet", path=str(path))
+    for read in (lambda: parquet_layout(source, ("text",)), lambda: read_records(path),
+                 lambda: read_parquet_unit(ParquetUnit(str(path), (0, 1, 2, 3), 0, 40, ("text",), None))):
+        try:
+            read()
+        except DataError as exc:
+            assert "\n" not in str(exc) and str(path) in str(exc)
+        finally:
+            _forget_open_parquet()
+
+
+@settings(max_examples=6, **CLASS_SETTINGS)
+@given(damage=st.data())
+def test_a_damaged_parquet_task_file_is_one_line(root, pristine, capsys, damage):
+    path = root / "tasks" / "piqa.parquet"
+    try:
+        path.write_bytes(damage.draw(parquet_damage(pristine["tasks/piqa.parquet"])))
+        _one_line_error(run_main(capsys, command_line("eval-tasks-parquet", root)), "piqa.parquet")
+    finally:
+        restore(root, pristine)
+
+
+# Lines a corpus or a run's records may hold that no JSON writer of ours produced.
+HOSTILE_LINES = st.one_of(
+    st.integers(1, 4).map(lambda k: "[" * (10 ** (k + 1)) + "]" * (10 ** (k + 1))),  # deep nesting
+    st.integers(1, 3).map(lambda k: '{"x": ' + "{" * 10 ** (k + 2) + "}" * 10 ** (k + 2) + "}"),
+    st.integers(4300, 6000).map(lambda n: '{"text": 1' + "0" * n + ', "step": 1' + "0" * n + "}"),  # huge numbers
+    st.sampled_from(['{"text": NaN, "step": NaN}', '{"step": Infinity}', '{"step": -Infinity, "text": "x"}',
+                     '{"text": 1e999, "step": 1e999}', "[1, 2]", '"text"', "null", "42", "true", '{"text": 5}',
+                     '{"text": ["a"]}', '{"text": {"a": 1}}', '{"step": "3"}', '{"step": 1.5}', '{"step": true}',
+                     '{"text": "ok", "step": 2', '{"text": "\\ud800"}', "{", "}", "\x00", '{"a": 1}{"b": 2}']),
+    st.binary(min_size=1, max_size=40).map(lambda b: b.replace(b"\n", b" ").replace(b"\r", b" ")),  # bytes, not UTF-8
+    st.text(min_size=1, max_size=40).map(lambda t: " ".join(t.splitlines()) or "x"),
+)
+
+
+def _as_bytes(line: str | bytes) -> bytes:
+    return line if isinstance(line, bytes) else line.encode("utf-8", errors="surrogatepass")
+
+
+def _insert_lines(data: bytes, lines: list, positions: list[int]) -> bytes:
+    rows = data.splitlines(keepends=True)
+    for line, position in zip(lines, positions, strict=True):
+        rows.insert(position % (len(rows) + 1), _as_bytes(line) + b"\n")
+    return b"".join(rows)
+
+
+@settings(max_examples=60, **CLASS_SETTINGS)
+@given(line=HOSTILE_LINES, position=st.integers(0, 100), text_field=st.sampled_from(["text", "body"]))
+def test_a_jsonl_source_line_is_read_or_refused_in_one_line(tmp_path_factory, line, position, text_field):
+    from llamalite.data.sources import _read_jsonl_file
+    from llamalite.errors import DataError
+
+    path = tmp_path_factory.mktemp("jsonl_source") / "a.jsonl"
+    good = "".join(json.dumps({text_field: f"{w} {w}"}) + "\n" for w in WORDS).encode()
+    path.write_bytes(_insert_lines(good, [line], [position]))
+    try:
+        documents = list(_read_jsonl_file(path, text_field, None))
+    except DataError as exc:
+        assert "\n" not in str(exc) and str(path) in str(exc)
+        return
+    assert all(isinstance(document.text, str) for document in documents)
+
+
+@settings(max_examples=5, **CLASS_SETTINGS)
+@given(line=HOSTILE_LINES, position=st.integers(0, 100))
+def test_a_jsonl_source_with_a_hostile_line_prepares_or_stops_in_one_line(root, tmp_path_factory, capsys, line,
+                                                                          position):
+    work = tmp_path_factory.mktemp("jsonl_prepare")
+    (work / "corpus").mkdir()
+    good = "".join(json.dumps({"text": " ".join(WORDS[i:] + WORDS[:i])}) + "\n" for i in range(10)) * 4
+    (work / "corpus" / "a.jsonl").write_bytes(_insert_lines(good.encode(), [line], [position]))
+    config = _prepare_config(root, work, [{"type": "jsonl", "path": str(work / "corpus")}])
+    _one_line_error(run_main(capsys, ["prepare", config]), "a.jsonl")
+
+
+def _step_records(steps: int) -> list[bytes]:
+    return [json.dumps({"step": step, "loss": 1.0 / step, "event": "checkpoint", "checkpoint": f"step_{step:07d}"})
+            .encode() + b"\n" for step in range(1, steps + 1)]
+
+
+@settings(max_examples=60, **CLASS_SETTINGS)
+@given(lines=st.lists(HOSTILE_LINES, min_size=1, max_size=3), positions=st.lists(st.integers(0, 20), min_size=3,
+                                                                                 max_size=3), keep=st.integers(0, 10))
+def test_run_records_skip_hostile_lines_and_truncation_keeps_the_good_ones(tmp_path_factory, lines, positions, keep):
+    from llamalite.records import read_run_records
+    from llamalite.train.metrics import checkpoints_recorded, last_step, truncate_jsonl_after
+
+    path = tmp_path_factory.mktemp("records") / "metrics.jsonl"
+    good = _step_records(8)
+    path.write_bytes(_insert_lines(b"".join(good), lines, positions[:len(lines)]))
+    records, _ = read_run_records(path)
+    assert [r["step"] for r in records if r.get("loss") is not None and isinstance(r["step"], int)][:8] == \
+        list(range(1, 9))
+    assert set(checkpoints_recorded(path)) >= {f"step_{s:07d}" for s in range(1, 9)}
+    assert last_step(path) is not None and last_step(path) >= 8
+    truncate_jsonl_after(path, keep)
+    kept = [line for line in path.read_bytes().splitlines(keepends=True) if line.strip()]
+    assert kept == good[:keep]  # the good lines up to the step, hostile ones gone
+
+
+RUN_RECORDS = ("metrics.jsonl", "events.jsonl", "evals.jsonl", "samples.jsonl")
+
+
+@settings(max_examples=4, **CLASS_SETTINGS)
+@given(name=st.sampled_from(RUN_RECORDS), lines=st.lists(HOSTILE_LINES, min_size=1, max_size=2),
+       positions=st.lists(st.integers(0, 20), min_size=2, max_size=2))
+def test_train_resume_and_report_take_hostile_record_lines(root, pristine, capsys, monkeypatch, name, lines,
+                                                           positions):
+    monkeypatch.setattr("matplotlib.figure.Figure.savefig", lambda self, path, **kw: Path(path).write_bytes(b""))
+    path = root / "run" / name
+    try:
+        path.write_bytes(_insert_lines(pristine[f"run/{name}"], lines, positions[:len(lines)]))
+        for command in ("report", "train"):
+            assert_clean_outcome(run_main(capsys, command_line(command, root)))
+    finally:
+        restore(root, pristine)
+
+
+# One record of each task in its Hugging Face schema; drawn changes replace or remove one field.
+TASK_RECORDS = {
+    "hellaswag": {"activity_label": "Cooking", "ctx_a": "A woman cuts.", "ctx_b": "she", "endings": ["a", "b", "c"],
+                  "label": "1"},
+    "arc_easy": {"question": "Which?", "choices": {"text": ["x", "y"], "label": ["A", "B"]}, "answerKey": "B"},
+    "piqa": {"goal": "a", "sol1": "b", "sol2": "d", "label": 0},
+    "winogrande": {"sentence": "He _ it.", "option1": "ate", "option2": "saw", "answer": "2"},
+    "boolq": {"passage": "P", "question": "is it", "label": 1},
+    "openbookqa": {"question_stem": "Q", "choices": {"text": ["x", "y"], "label": ["A", "B"]}, "answerKey": "A"},
+    "lambada_openai": {"text": "he said hello"},
+}
+LABEL_FIELDS = {"hellaswag": "label", "piqa": "label", "boolq": "label", "winogrande": "answer"}
+ODD_VALUES = st.one_of(
+    st.sampled_from([1.5, "", None, " ", "[x]", 1e308, float("inf"), float("nan"), True, False, -1, 2, 7, 10 ** 30,
+                     "1", "2", "A", "E", "-1", "1.0", "１", [], [""], ["a"], ["a", ""], {}, {"text": []},
+                     {"text": ["x"], "label": "A"}, {"text": "xy", "label": "AB"}, 0]),
+    st.integers(-5, 5), st.text(max_size=5), st.lists(st.one_of(st.text(max_size=3), st.integers()), max_size=3),
+)
+
+
+def _draw_task_record(draw, task: str) -> tuple[dict, str, object]:
+    record = json.loads(json.dumps(TASK_RECORDS[task]))
+    label = [LABEL_FIELDS[task]] if task in LABEL_FIELDS else []
+    field = draw(st.sampled_from(label + sorted(set(record) - set(label)) + ["choices.text", "choices.label"]))
+    value = draw(ODD_VALUES)
+    if field.startswith("choices."):
+        if "choices" not in record:
+            return record, field, value
+        record["choices"][field.split(".")[1]] = value
+    elif draw(st.booleans()) and draw(st.integers(0, 9)) == 0:
+        del record[field]
+    else:
+        record[field] = value
+    return record, field, value
+
+
+@settings(max_examples=150, **CLASS_SETTINGS)
+@given(task=st.sampled_from(sorted(TASK_RECORDS)), data=st.data())
+def test_task_records_are_examples_fit_to_score_or_one_line(tmp_path_factory, task, data):
+    from llamalite.errors import DataError
+    from llamalite.eval.tasks import TASKS, load_task
+
+    record, field, value = _draw_task_record(data.draw, task)
+    path = tmp_path_factory.mktemp("task") / f"{task}.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    try:
+        [example], _ = load_task(TASKS[task], path)
+    except DataError as exc:
+        assert "\n" not in str(exc) and str(path) in str(exc)
+        return
+    assert all(isinstance(text, str) for text in example.contexts + example.continuations + example.choices)
+    assert all(example.choices) and 0 <= example.gold < len(example.choices)
+    if field == LABEL_FIELDS.get(task) and field in record:
+        allowed = (int,) if task != "hellaswag" else (int, str)
+        assert type(record[field]) in allowed + ((str,) if task == "winogrande" else ()), record
+
+
+@pytest.mark.parametrize("task", sorted(TASK_RECORDS))
+@settings(max_examples=3, **CLASS_SETTINGS)
+@given(data=st.data())
+def test_eval_on_a_drawn_task_record_scores_or_stops_in_one_line(root, pristine, capsys, tmp_path_factory, task,
+                                                                 data):
+    record, field, value = _draw_task_record(data.draw, task)
+    path = tmp_path_factory.mktemp("task_eval") / f"{task}.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    try:
+        outcome = run_main(capsys, ["eval", checkpoint(root), "--tasks", task, "--task-file", f"{task}={path}",
+                                    "--no-val-loss"])
+        _one_line_error(outcome, str(path))
+        if field == LABEL_FIELDS.get(task) and field in record and type(value) not in (int, str):
+            assert outcome.code == 2, f"a label of {value!r} was accepted"  # never rounded, never taken as a bool
+    finally:
+        restore(root, pristine)
+
+
+@st.composite
+def tokenizer_model_damage(draw, tokenizer_json: dict) -> dict:
+    data = json.loads(json.dumps(tokenizer_json))
+    model = data["model"]
+    kind = draw(st.sampled_from(["replace", "type", "vocab", "merges", "unk_token"]))
+    if kind == "type":
+        model["type"] = draw(st.sampled_from(["Unigram", "WordPiece", "WordLevel", "BPE", "bpe", "", 5]))
+    elif kind == "vocab":
+        tokens = sorted(model["vocab"], key=model["vocab"].get)
+        keep = draw(st.integers(0, len(tokens)))
+        model["vocab"] = {t: i for i, t in enumerate(tokens[:keep])} if draw(st.booleans()) else \
+            draw(st.sampled_from([[], None, "x", [["a", 0.0]], {"a": -1}, {"a": 2 ** 40}]))
+    elif kind == "merges":
+        model["merges"] = draw(st.sampled_from([[], None, ["a b"], [["Ġ", "zz"]], ["x y z"], "a b",
+                                                model["merges"][:3]]))
+    elif kind == "unk_token":
+        model["unk_token"] = draw(st.sampled_from(["<unk>", "a", "", None, 5]))
+        model["byte_fallback"] = draw(st.booleans())
+    else:
+        data["model"] = draw(st.sampled_from([
+            {"type": "Unigram", "vocab": [["a", 0.0]]}, {"type": "Unigram", "vocab": [["a", 0.0], ["<unk>", 0.0]],
+                                                         "unk_id": 1},
+            {"type": "WordLevel", "vocab": {"a": 0}, "unk_token": "<unk>"},
+            {"type": "WordPiece", "vocab": {"a": 0, "[UNK]": 1}, "unk_token": "[UNK]"},
+            {"type": "BPE", "vocab": {"a": 0}, "merges": [], "unk_token": "<unk>"}]))
+    return data
+
+
+@settings(max_examples=40, **CLASS_SETTINGS)
+@given(data=st.data())
+def test_a_tokenizer_model_llamalite_cannot_use_is_refused_at_load_or_encodes(root, tmp_path_factory, data):
+    from llamalite.errors import DataError
+    from llamalite.tokenizer import Tokenizer
+
+    original = json.loads((root / "data" / "tokenizer.json").read_text())
+    path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.json"
+    path.write_text(json.dumps(data.draw(tokenizer_model_damage(original))))
+    try:
+        tokenizer = Tokenizer.load(path)
+        for texts in (["the king", "ünïcödé ✓ 漢字", "\x00\x01 tab\t"], [""]):
+            tokenizer.encode_batch(texts)
+            tokenizer.encode_sequences(texts)
+            [tokenizer.encode(text) for text in texts]
+    except DataError as exc:
+        assert "\n" not in str(exc)
+
+
+@settings(max_examples=10, **CLASS_SETTINGS)
+@given(data=st.data())
+def test_prepare_with_a_damaged_tokenizer_model_succeeds_or_stops_in_one_line(root, corpus_dir, tmp_path_factory,
+                                                                              capsys, data):
+    original = json.loads((root / "data" / "tokenizer.json").read_text())
+    work = tmp_path_factory.mktemp("tokenizer_prepare")
+    (work / "tokenizer.json").write_text(json.dumps(data.draw(tokenizer_model_damage(original))))
+    config = _prepare_config(root, work, [{"type": "text", "path": str(corpus_dir)}])
+    text = config.read_text().replace(str(root / "data" / "tokenizer.json"), str(work / "tokenizer.json"))
+    config.write_text(text)
+    outcome = run_main(capsys, ["prepare", config])
+    _one_line_error(outcome)
+    if outcome.code and str(work / "tokenizer.json") in outcome.err.splitlines()[-1]:
+        assert not (work / "out" / "tokenizer.json").exists()  # refused at load: nothing written

@@ -401,3 +401,122 @@ def test_one_document_names_the_separator_not_val_fraction(tmp_path, capsys):
     assert "only 1 document" in error and "data.sources.0.separator ('\\n\\n')" in error, error
     assert "val_fraction" not in error, error
 
+
+
+# ------------------------------------------------------------------------------- closed or full standard streams
+# A stream the command was started without (`<&-`, `>&-`, `2>&-`) reads or writes /dev/null; a standard stream that
+# cannot be written (`> /dev/full`) ends the command with one line and exit 2; never a traceback.
+STREAM_COMMANDS = {
+    "model-info": lambda run: ["model-info", "124m"],
+    "plan": lambda run: ["plan", str(DEMO_CONFIG)],
+    "generate": lambda run: ["generate", str(run), "--prompt", "the king", "--max-new-tokens", "5"],
+    "chat": lambda run: ["chat", str(run), "--max-new-tokens", "3", "--jsonl"],
+    "eval --val-only": lambda run: ["eval", str(run), "--val-only"],
+}
+# Each command with the redirections that matter to it (a subprocess costs ~2 s of CPU to import torch).
+# (The in-process tests below draw the rest: any errno, either stream, at any write.)
+STREAM_CASES = [("model-info", ">&-"), ("model-info", "2>&-"), ("plan", ">/dev/full"), ("generate", ">&-"),
+                ("generate", ">/dev/full"), ("chat", "<&-"), ("chat", "2>/dev/full"), ("eval --val-only", ">/dev/full")]
+
+
+def redirected(argv: list[str], redirection: str) -> subprocess.CompletedProcess:
+    """llamalite run by sh with one of its standard streams closed or pointed at /dev/full (stderr is read back
+    unless it is the redirected one)."""
+    script = f'exec "$@" {redirection}'
+    return subprocess.run(["sh", "-c", script, "sh", *llamalite(*argv)], input=b"the king\n{\"oops\n",
+                          stdout=None if ">" in redirection and not redirection.startswith("2") else subprocess.PIPE,
+                          stderr=subprocess.PIPE, env=subprocess_env(), timeout=300)
+
+
+@pytest.fixture(scope="module")
+def stream_outcomes(run_dir) -> dict[tuple[str, str], subprocess.CompletedProcess]:
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        futures = {case: pool.submit(redirected, STREAM_COMMANDS[case[0]](run_dir), case[1]) for case in STREAM_CASES}
+        return {case: future.result() for case, future in futures.items()}
+
+
+@pytest.mark.parametrize("case", STREAM_CASES, ids=lambda case: f"{case[0]} {case[1]}")
+def test_closed_or_full_standard_streams(case, stream_outcomes):
+    command, redirection = case
+    outcome = stream_outcomes[case]
+    err = outcome.stderr.decode(errors="replace")
+    assert outcome.returncode in (0, 2, EXIT_BROKEN_PIPE), err[-3000:]
+    assert "Traceback" not in err and "Exception ignored" not in err and "Logging error" not in err, err[-3000:]
+    if redirection == ">/dev/full":  # every one of these commands prints its result on stdout
+        assert outcome.returncode == 2, err[-3000:]
+        assert err.splitlines()[-1] == "llamalite: error: cannot write to standard output (No space left on device)"
+    if redirection in ("<&-", ">&-", "2>&-"):  # /dev/null in its place: the command does its work
+        assert outcome.returncode == 0, err[-3000:]
+
+
+class FailingStream(io.StringIO):
+    """A standard stream whose write or flush fails with `error` (after `good_writes` writes went through)."""
+
+    def __init__(self, error: OSError, at: str, good_writes: int):
+        super().__init__()
+        self.error, self.at, self.good_writes = error, at, good_writes
+
+    def write(self, text: str) -> int:
+        if self.at == "write":
+            if self.good_writes <= 0:
+                raise self.error
+            self.good_writes -= 1
+        return super().write(text)
+
+    def flush(self) -> None:
+        if self.at == "flush":
+            raise self.error
+
+
+WRITE_ERRORS = [(28, "No space left on device"), (5, "Input/output error"), (9, "Bad file descriptor"),
+                (27, "File too large"), (122, "Disk quota exceeded")]
+CHEAP_ARGV = [["model-info", "tiny"], ["model-info", "no-such-preset"], ["--help"], ["plan", str(DEMO_CONFIG)]]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(argv=st.sampled_from(CHEAP_ARGV), error=st.sampled_from(WRITE_ERRORS), at=st.sampled_from(["write", "flush"]),
+       good_writes=st.integers(0, 3), stream=st.sampled_from(["stdout", "stderr"]))
+def test_any_write_error_of_a_standard_stream_is_one_line(monkeypatch, capsys, argv, error, at, good_writes, stream):
+    """In process: whichever standard stream fails, with whatever errno, at whichever write: exit 2 (or 0 when the
+    command never needed the stream), one line naming the stream on stderr when stdout failed, no traceback."""
+    from llamalite.cli import main
+
+    failing = FailingStream(OSError(*error), at, good_writes)
+    healthy = io.StringIO()
+    with capsys.disabled():
+        monkeypatch.setattr(sys, stream, failing)
+        monkeypatch.setattr(sys, "stderr" if stream == "stdout" else "stdout", healthy)
+        try:
+            code = main(argv)
+        except SystemExit as exc:  # argparse's --help
+            code = exc.code
+    assert code in (0, 2)
+    assert not isinstance(sys.stdout, type(None)) and type(sys.stdout).__name__ != "GuardedStream"
+    if stream == "stdout" and code == 2 and "no-such-preset" not in argv:
+        assert healthy.getvalue().splitlines()[-1] == f"llamalite: error: cannot write to standard output ({error[1]})"
+
+
+def test_an_error_of_another_file_keeps_its_traceback(monkeypatch, capsys):
+    """Only the standard streams' own write errors are turned into the one line: ENOSPC writing some other file is a
+    different problem (the command's), and propagates as the OSError it is."""
+    import llamalite.cli as cli
+
+    def full_disk(args):
+        raise OSError(28, "No space left on device", "/some/output")
+
+    monkeypatch.setattr(cli, "cmd_model_info", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        cli.main(["model-info", "tiny"])
+
+
+@pytest.mark.parametrize("name", ["stdin", "stdout", "stderr"])
+def test_a_missing_standard_stream_is_dev_null(name, monkeypatch, capsys):
+    """sys.stdin/stdout/stderr is None when the process started without it: main reads or writes /dev/null."""
+    from llamalite.cli import main
+
+    with capsys.disabled():
+        for other in ("stdout", "stderr"):
+            monkeypatch.setattr(sys, other, io.StringIO())
+        monkeypatch.setattr(sys, name, None)
+        assert main(["model-info", "tiny"]) == 0
+        assert getattr(sys, name) is not None

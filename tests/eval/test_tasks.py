@@ -147,3 +147,23 @@ def test_a_hub_dataset_that_cannot_be_loaded_says_how_to_use_local_files(monkeyp
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(DataError, match=r"could not load Rowan/hellaswag .*no network; set eval.data_dir"):
         load_examples(TASKS["hellaswag"], None)
+
+
+@pytest.mark.parametrize("change", [{"sol1": ""}, {"label": 1e999}, {"label": 1.5}, {"label": True}, {"label": "1"},
+                                    {"goal": 5}, {"sol2": ["d"]}, {"label": 2}],
+                         ids=["empty choice", "inf label", "float label", "bool label", "string label",
+                              "number goal", "list choice", "label out of range"])
+def test_a_piqa_record_that_cannot_be_scored_is_one_line_naming_the_file(tmp_path, change):
+    path = tmp_path / "piqa.jsonl"
+    path.write_text(json.dumps({"goal": "a", "sol1": "b", "sol2": "d", "label": 0} | change) + "\n")
+    with pytest.raises(DataError, match=r"piqa\.jsonl record 0 does not fit the piqa schema") as caught:
+        load_task(TASKS["piqa"], path)
+    assert "\n" not in str(caught.value)
+
+
+def test_hellaswag_whose_preprocessing_empties_an_ending_is_refused():
+    doc = {"activity_label": "A", "ctx": "b", "endings": ["[title]", "c"], "label": "0"}
+    with pytest.raises(ValueError, match="a choice is empty"):
+        from llamalite.eval.tasks import check_example
+
+        check_example(TASKS["hellaswag"].build(doc))

@@ -68,6 +68,17 @@ def test_a_run_whose_checkpoints_were_deleted_is_refused_and_overwrite_deletes_t
     assert [e["event"] for e in read_jsonl(tmp_path / "r" / "events.jsonl")] == ["start", "checkpoint"]
 
 
+def test_overwrite_deletes_every_checkpoint_of_the_run_and_keeps_the_users_files(corpus_dir, prepared_dir, tmp_path):
+    run_dir = tmp_path / "r"
+    make_trainer(corpus_dir, prepared_dir, run_dir, max_steps=2, save_interval=1, keep_checkpoints=2,
+                 eval_interval=0).fit()
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_0000001", "step_0000002"]
+    (run_dir / "checkpoints" / "NOTES.txt").write_text("mine")
+    make_trainer(corpus_dir, prepared_dir, run_dir, max_steps=1, overwrite=True, eval_interval=0).fit()
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["NOTES.txt", "latest", "step_0000001"]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_0000001"  # not the old run's step 2
+
+
 def test_vocab_smaller_than_the_tokenizer_is_refused(corpus_dir, prepared_dir, tmp_path):
     config = small_config(corpus_dir, prepared_dir, tmp_path / "v")
     config.model.vocab_size = 100
