@@ -3,7 +3,7 @@
 # a closed pipe, a quadratic BPE, a lost run), run against one source tree, e.g. a checkout of an older commit:
 #   git worktree add /tmp/old a772660 && benchmarks/safety_examples.sh /tmp/old /tmp/examples_old
 #   benchmarks/safety_examples.sh "$PWD" /tmp/examples_new
-SRC=$(realpath "$1"); W=$2; PY=${PYTHON:-$(realpath "$(dirname "$0")/../.venv/bin/python")}
+SRC=$(realpath "$1"); W=$2; PY=${PYTHON:-$(cd "$(dirname "$0")/.." && pwd)/.venv/bin/python}  # not resolved: the link is the venv
 export PYTHONPATH=$SRC
 if [ -e "$W" ] && [ -n "$(ls -A "$W")" ]; then echo "$W is not empty: pass a new folder" >&2; exit 2; fi
 mkdir -p "$W"; cd "$W"

@@ -47,6 +47,8 @@ def run_demo(config_path: str | None = None, overrides: Sequence[str] = (), sft_
         if not path.is_file():
             raise ConfigError(f"demo config not found at {path}: pass --config FILE with an existing YAML file")
         config = load_config(path, ["train.overwrite=true", *overrides])  # the demo always starts afresh
+    with packaged_config("sft-demo.yaml") as sft_config_file:
+        load_config(sft_config_file, sft_overrides)  # a bad --sft-override fails here, not after the pretraining
     print(f"[1/2] preparing the corpus into {config.data.out_dir}/")
     prepare(config)
     print(f"[2/2] training the {config.model.preset or 'custom'} model for {config.train.max_steps} steps")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 LOGGER_NAME = "llamalite"
 
@@ -63,3 +64,9 @@ def setup_logging(level: int = logging.INFO, all_to_stderr: bool = False) -> Non
     handler.addFilter(MainProcessFilter())
     logger.addHandler(handler)
     logger.setLevel(level)
+    warnings.formatwarning = _warning_line
+
+
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    """A warning on the console as one line, without the source file and line it came from (not the user's code)."""
+    return f"{category.__name__}: {message}\n"

@@ -136,3 +136,12 @@ def test_decoding_commands_keep_openmps_own_wait_policy(tmp_path):
               "print(code, os.environ.get('OMP_WAIT_POLICY', 'unset'))")
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert result.stdout.strip().splitlines()[-1] == "2 unset"  # the missing checkpoint fails after the choice
+
+
+@pytest.mark.parametrize("sft_override", ["notkv", "sft.bogus=1", "train.max_steps=0", "optim.lr=nan",
+                                          "train.max_steps=[1"])
+def test_demo_refuses_a_bad_sft_override_before_any_work(capsys, tmp_path, monkeypatch, sft_override):
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--sft-override", sft_override, f"data.out_dir={tmp_path / 'data'}"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []

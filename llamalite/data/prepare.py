@@ -21,6 +21,7 @@ same shards an uninterrupted run would.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import json
 import logging
@@ -44,7 +45,7 @@ from llamalite.data.filters import (
 )
 from llamalite.data.parallel import resolve_workers
 from llamalite.data.shards import SHARD_NAME, ShardWriter, SplitProgress, shard_file_size, shard_name, token_dtype
-from llamalite.data.sources import SOURCE_TYPES, SourceCounts, parquet_layout, source_files
+from llamalite.data.sources import SOURCE_TYPES, SourceCounts, glob_base, parquet_layout, source_files
 from llamalite.data.tokenize import chunks_by_split, tokenize_chunks
 from llamalite.errors import DataError
 from llamalite.files import LOCK_FILE, atomic_write_text, claim_output, folder_lock, sha256_file
@@ -348,6 +349,7 @@ def input_paths(config: Config, tokenizer_source: TokenizerSource | None) -> lis
             continue
         literal = Path(source.path).expanduser()
         paths += [literal] if literal.exists() else []
+        paths += [glob_base(source.path)] if glob.has_magic(source.path) and not literal.exists() else []
         paths += source_files(source)
     if tokenizer_source is not None and tokenizer_source.repo_id is None:
         paths.append(tokenizer_source.path)

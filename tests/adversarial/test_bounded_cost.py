@@ -5,9 +5,11 @@ minified code) made it quadratic. The trainer cuts such runs into pieces of TRAI
 
 from __future__ import annotations
 
+import glob
 import random
 import signal
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -71,3 +73,33 @@ def test_text_without_long_runs_trains_exactly_as_before(seed):
     texts = synthetic_documents(30, seed=seed)
     capped = Tokenizer.train(texts, vocab_size=400)
     assert capped.to_json_str() == train_uncapped(texts, 400)
+
+
+@settings(max_examples=40, deadline=None)
+@given(names=st.lists(st.from_regex(r"\.?[a-z]{1,3}(/[a-z]{1,3}){0,2}\.(txt|md)", fullmatch=True), min_size=1,
+                      max_size=8),
+       pattern=st.sampled_from(["src/**/*.txt", "src/**", "src/*", "src/*/*.md", "src/**/.*", "src/?*.txt"]))
+def test_a_glob_source_matches_what_glob_matches(tmp_path_factory, names, pattern):
+    from llamalite.data.sources import _glob_files
+
+    root = tmp_path_factory.mktemp("glob")
+    for name in names:
+        (root / "src" / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / "src" / name).write_text("x")
+    pattern = str(root / pattern)
+    expected = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+    assert _glob_files(pattern) == expected
+
+
+@pytest.mark.parametrize("links", [1, 2, 3])
+def test_a_glob_over_folders_linked_to_themselves_ends(tmp_path, links):
+    from llamalite.data.sources import _glob_files
+
+    docs = tmp_path / "docs"
+    (docs / "sub").mkdir(parents=True)
+    for i in range(3):
+        (docs / f"{i}.txt").write_text("x")
+    for i in range(links):  # glob.glob's ** follows each link: 2 links took longer than 60 s
+        (docs / f"loop{i}").symlink_to(docs if i % 2 else Path(".."), target_is_directory=True)
+    with fails_after(20):
+        assert [p.name for p in _glob_files(str(docs / "**" / "*.txt"))] == ["0.txt", "1.txt", "2.txt"]

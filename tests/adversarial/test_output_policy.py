@@ -818,3 +818,15 @@ def test_an_output_file_that_is_not_a_small_regular_file_is_never_offered_to_rec
             claim_output_file(out, "eval-results", "--output-json", recognise=lambda path: asked.append(path) or True)
         assert read_regular_file(out) is None
     assert not asked and "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("pattern", ["corpus/*.txt", "corpus/**", "corpus/**/*.txt", "corpus/doc0?.txt"])
+def test_prepare_never_writes_inside_the_folder_a_glob_source_searches(artefacts, work, capsys, pattern):
+    corpus = copy(artefacts.corpus, work / "corpus")
+    before = tree_snapshot(corpus)
+    config = small_config(work / pattern, corpus / "prepared", work / "unused-run")
+    outcome = run_main(capsys, ["prepare", config_file(config, work / "prepare.yaml")])
+    assert_clean_outcome(outcome, allow_success=False)
+    assert "an input of this command" in outcome.err
+    assert_untouched(before, corpus)
+    assert not (corpus / "prepared").exists()
