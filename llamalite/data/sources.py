@@ -183,6 +183,18 @@ def glob_base(pattern: str) -> Path:
     return Path(*parts[:literal]) if literal else Path(".")
 
 
+def glob_can_reach(pattern: str, folder: Path) -> bool:
+    """Whether files inside `folder` could match `pattern`: it lies in the pattern's base and the pattern is recursive
+    or reaches as deep as the folder's files (`corpus/*.txt` never matches `corpus/prepared/x`)."""
+    base = glob_base(pattern)
+    try:
+        depth = len(Path(os.path.realpath(folder)).relative_to(os.path.realpath(base)).parts)
+    except ValueError:
+        return False  # not inside the base
+    rest = Path(os.path.expanduser(pattern)).parts[len(base.parts) if base != Path(".") else 0:]
+    return "**" in rest or len(rest) > depth
+
+
 def _glob_files(pattern: str) -> list[Path]:
     """The files a glob matches, each once. pathlib's `**` does not descend into linked folders, where glob.glob's
     does: two links of a folder to itself made that exponential (a hang)."""

@@ -820,13 +820,21 @@ def test_an_output_file_that_is_not_a_small_regular_file_is_never_offered_to_rec
     assert not asked and "\n" not in str(refused.value)
 
 
-@pytest.mark.parametrize("pattern", ["corpus/*.txt", "corpus/**", "corpus/**/*.txt", "corpus/doc0?.txt"])
-def test_prepare_never_writes_inside_the_folder_a_glob_source_searches(artefacts, work, capsys, pattern):
+@pytest.mark.parametrize("pattern, reaches", [("corpus/**", True), ("corpus/**/*.txt", True), ("corpus/*/*", True),
+                                              ("corpus/*.txt", False), ("corpus/doc0?.txt", False)])
+def test_prepare_never_writes_where_its_glob_source_could_match(artefacts, work, capsys, pattern, reaches):
     corpus = copy(artefacts.corpus, work / "corpus")
+    (corpus / "more").mkdir()
+    (corpus / "more" / "doc.txt").write_text("a document one level down")
     before = tree_snapshot(corpus)
     config = small_config(work / pattern, corpus / "prepared", work / "unused-run")
-    outcome = run_main(capsys, ["prepare", config_file(config, work / "prepare.yaml")])
-    assert_clean_outcome(outcome, allow_success=False)
-    assert "an input of this command" in outcome.err
+    argv = ["prepare", config_file(config, work / "prepare.yaml")]
+    outcome = run_main(capsys, argv)
     assert_untouched(before, corpus)
-    assert not (corpus / "prepared").exists()
+    if reaches:  # its next run would read the prepared data as corpus
+        assert_clean_outcome(outcome, allow_success=False)
+        assert "an input of this command" in outcome.err
+        assert not (corpus / "prepared").exists()
+    else:
+        assert outcome.code == 0, outcome.err
+        assert run_main(capsys, argv).code == 0  # the rerun finds the same inputs: up to date
