@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,3 +79,23 @@ class CodeRunningPickle:
 
     def __reduce__(self):
         return (open, (self.canary_path, "w"))
+
+
+class Hung(AssertionError):
+    """A command that did not finish in time: a failure, never an OSError (as TimeoutError is) that the code under
+    test might catch."""
+
+
+@contextmanager
+def fails_after(seconds: int):
+    """A hang fails the test instead of hanging the suite."""
+    def expired(signum, frame):
+        raise Hung(f"no answer in {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import glob
 import random
-import signal
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -20,21 +18,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from llamalite.tokenizer import TRAINING_PIECE_CHARS, Tokenizer, _capped_pieces
 
 from ..conftest import synthetic_documents
-
-
-@contextmanager
-def fails_after(seconds: int):
-    """Turn a hang (the quadratic trainer took minutes on the input below) into a failure."""
-    def expire(signum, frame):
-        raise AssertionError(f"BPE training took more than {seconds} s: its cost is not linear in the input")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
+from .conftest import fails_after
 
 
 def test_a_two_megabyte_run_without_spaces_trains_in_linear_time():

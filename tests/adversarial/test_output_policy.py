@@ -12,10 +12,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import stat
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +30,13 @@ from llamalite.files import OUTPUT_MARKER, artifact_kind, claim_output
 from llamalite.model.llama import Llama
 from llamalite.train.optim import build_optimizer
 from llamalite.train.trainer import Trainer
-from tests.adversarial.conftest import assert_clean_outcome, assert_untouched, run_main, tree_snapshot
+from tests.adversarial.conftest import (
+    assert_clean_outcome,
+    assert_untouched,
+    fails_after,
+    run_main,
+    tree_snapshot,
+)
 from tests.conftest import SHARED_DATA, small_config
 
 
@@ -724,25 +728,6 @@ def test_a_train_or_sft_that_fails_before_any_work_leaves_no_folder(artefacts, f
 
 
 # ================================================================================================= output files
-class Hung(Exception):  # not an OSError (as TimeoutError is), which the code under test might catch
-    pass
-
-
-@contextmanager
-def watchdog(seconds: int):
-    """A hang fails the test instead of hanging the suite."""
-    def expired(signum, frame):
-        raise Hung(f"no answer in {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-
-
 def _fifo(work: Path) -> Path:
     os.mkfifo(work / "results.json")
     return work / "results.json"
@@ -795,7 +780,7 @@ def test_eval_output_json_onto_what_is_not_a_small_regular_file_is_refused_unrea
         pytest.skip(f"{out} does not exist here")
     paths_before = every_path(work)
 
-    with watchdog(20):
+    with fails_after(20):
         outcome = run_main(capsys, eval_argv(inputs, out))
 
     assert_clean_outcome(outcome, allow_success=False)
@@ -813,7 +798,7 @@ def test_an_output_file_that_is_not_a_small_regular_file_is_never_offered_to_rec
     if not (out.exists() or out.is_symlink()):
         pytest.skip(f"{out} does not exist here")
     asked = []
-    with watchdog(20):
+    with fails_after(20):
         with pytest.raises(ConfigError) as refused:
             claim_output_file(out, "eval-results", "--output-json", recognise=lambda path: asked.append(path) or True)
         assert read_regular_file(out) is None
