@@ -21,8 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import yaml
+
 from llamalite.errors import BusyError, ConfigError
 from llamalite.records import read_run_records
+from llamalite.schema import load_yaml
 
 logger = logging.getLogger(__name__)
 
@@ -232,11 +235,11 @@ def artifact_kind(folder: Path) -> str | None:
 def _is_fine_tuning_run(folder: Path) -> bool:
     """A run directory made before markers existed is a fine-tuning run when its config.yaml names an sft.base."""
     try:
-        text = (folder / "config.yaml").read_text(encoding="utf-8")
-    except (OSError, ValueError):
+        config = load_yaml((folder / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
         return False
-    sft_section = text.partition("\nsft:\n")[2]
-    return bool(re.search(r"^  base: (?!null$)\S", sft_section, re.MULTILINE))
+    sft = config.get("sft") if isinstance(config, dict) else None
+    return isinstance(sft, dict) and bool(sft.get("base"))
 
 
 def _is_data_manifest(path: Path) -> bool:

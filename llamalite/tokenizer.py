@@ -50,9 +50,9 @@ _HUB_ID = re.compile(r"^(?P<repo>(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*)(?:@
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _PROBE_TEXT = "a"  # encoded with and without special tokens to find what the post-processor adds
 # BPE training costs O(length) per merge for every pre-token a merge touches, so one long run without a space (DNA,
-# base64, a minified file) made it quadratic: 100k letters 3.1 s, 200k 13 s. While training, such runs are cut into
-# pieces of this many characters (a merge never spans more; production trainers cap their pieces alike), which keeps
-# training linear (2M letters: 1.5 s); text whose runs are all shorter trains exactly as before.
+# base64, a minified file) made it quadratic (benchmarks/bpe_long_runs.py; docs/safety.md has the figures). While
+# training, such runs are cut into pieces of this many characters (a merge never spans more; production trainers cap
+# their pieces alike), which keeps training linear; text whose runs are all shorter trains exactly as before.
 TRAINING_PIECE_CHARS = 256
 
 logger = logging.getLogger(__name__)

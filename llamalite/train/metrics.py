@@ -128,14 +128,10 @@ def checkpoints_recorded(events_path: Path) -> list[str]:
     if not events_path.exists():
         return []
     with open(events_path, encoding="utf-8", errors="replace") as f:
-        records = [_record(line) for line in f if line.strip()]
+        records = [parse_run_record(line) for line in f if line.strip()]
     return [record["checkpoint"] for record in records
             if record is not None and isinstance(record.get("checkpoint"), str)
             and record.get("event") not in _NOT_A_WRITTEN_CHECKPOINT]
-
-
-def _record(line: str) -> dict[str, Any] | None:
-    return parse_run_record(line)
 
 
 def _record_step(line: str) -> int | None:
